@@ -1,0 +1,1 @@
+"""Flower client side of fedlowrank: the ClientApp that trains and evaluates adapters locally."""

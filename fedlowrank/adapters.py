@@ -1,0 +1,181 @@
+"""peft LoRA adapters: attach, read/write adapter state as ``{name: tensor}``, pair factors, freeze, count.
+
+Adapter state keys are peft's own (``get_peft_model_state_dict``) so that a state dict written here loads
+with ``set_peft_model_state_dict`` and a saved adapter with ``PeftModel.from_pretrained``:
+``...query.lora_A.weight``, ``...query.lora_B.weight`` and, for a trained head, ``classifier.weight``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import PreTrainedModel
+
+from fedlowrank.config import LoraSettings
+
+LORA_A = "lora_A"
+LORA_B = "lora_B"
+# Output heads of the task models we support (sequence classification and causal LM).
+HEAD_MODULE_NAMES = ("classifier", "score")
+
+
+class AdapterConfigError(ValueError):
+    """The adapter settings do not fit the model (unknown target module, rank too large, ...)."""
+
+
+@dataclass(frozen=True)
+class LayerFactors:
+    """One adapted linear layer: A (r x d_in) and B (d_out x r) as peft stores them."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+
+
+def head_modules(model: torch.nn.Module) -> list[str]:
+    return [name for name in HEAD_MODULE_NAMES if isinstance(getattr(model, name, None), torch.nn.Module)]
+
+
+def attach_lora(model: PreTrainedModel, settings: LoraSettings, task: str = "seq-cls") -> PeftModel:
+    """Wrap ``model`` with peft LoRA adapters; checks targets and ranks first, with clear errors."""
+    _check_targets(model, settings)
+    init = True if settings.init == "default" else settings.init
+    heads = head_modules(model) if (settings.train_head and task == "seq-cls") else []
+    lora_config = LoraConfig(
+        task_type=TaskType.SEQ_CLS if task == "seq-cls" else TaskType.CAUSAL_LM,
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        use_rslora=settings.use_rslora,
+        init_lora_weights=init,
+        modules_to_save=heads or None,
+    )
+    peft_model = get_peft_model(model, lora_config)
+    if task == "seq-cls" and not settings.train_head:
+        # peft's SEQ_CLS task type adds the classifier to modules_to_save on its own; undo that so the
+        # head stays frozen when asked.
+        for name, param in peft_model.named_parameters():
+            if any(f"{head}." in name for head in HEAD_MODULE_NAMES) and LORA_A not in name:
+                param.requires_grad_(False)
+    return peft_model
+
+
+def _check_targets(model: torch.nn.Module, settings: LoraSettings) -> None:
+    linear_names = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            linear_names[name] = module
+    for target in settings.target_modules:
+        matches = [m for name, m in linear_names.items() if name == target or name.endswith(f".{target}")]
+        if not matches:
+            suffixes = sorted({name.rsplit(".", 1)[-1] for name in linear_names})
+            raise AdapterConfigError(
+                f"LoRA target module {target!r} matches no linear layer of this model. "
+                f"Linear layer names here: {', '.join(suffixes)}"
+            )
+        for module in matches:
+            limit = min(module.in_features, module.out_features)
+            if settings.r > limit:
+                raise AdapterConfigError(
+                    f"LoRA rank r={settings.r} is larger than the dimensions of target {target!r} "
+                    f"({module.out_features} x {module.in_features}); use r <= {limit}"
+                )
+
+
+# ---- state --------------------------------------------------------------------------------------
+def adapter_state(model: PeftModel, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """A detached fp32 CPU copy of the adapter state (factors + saved head), peft key names."""
+    state = get_peft_model_state_dict(model)
+    if trainable_only:
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if _param_name(model, k) in trainable}
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+
+
+def _param_name(model: PeftModel, state_key: str) -> str:
+    """Map a peft state-dict key back to the parameter name it was read from."""
+    adapter = model.active_adapter
+    if f".{LORA_A}." in state_key or f".{LORA_B}." in state_key:
+        return state_key.replace(".weight", f".{adapter}.weight").replace(".bias", f".{adapter}.bias")
+    prefix, _, leaf = state_key.rpartition(".")
+    return f"{prefix}.modules_to_save.{adapter}.{leaf}"
+
+
+def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Write ``state`` into the model's adapter (a subset of keys is fine when ``strict`` is False)."""
+    known = get_peft_model_state_dict(model)
+    unknown = sorted(set(state) - set(known))
+    if unknown:
+        raise KeyError(f"adapter state has keys the model does not know: {unknown[:5]}")
+    if strict:
+        missing = sorted(set(known) - set(state))
+        if missing:
+            raise KeyError(f"adapter state is missing keys: {missing[:5]}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(known[key].shape):
+            raise ValueError(f"{key}: shape {tuple(value.shape)} does not match the model's {tuple(known[key].shape)}")
+    set_peft_model_state_dict(model, dict(state))
+
+
+def layer_name(key: str) -> str | None:
+    """``...query.lora_A.weight`` -> ``...query``; None for keys that are not LoRA factors."""
+    for marker in (f".{LORA_A}.", f".{LORA_B}."):
+        if marker in key:
+            return key.split(marker)[0]
+    return None
+
+
+def lora_factors(state: dict[str, torch.Tensor]) -> dict[str, LayerFactors]:
+    """Pair A and B per adapted layer. Both must be present for every layer."""
+    a_parts: dict[str, torch.Tensor] = {}
+    b_parts: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        layer = layer_name(key)
+        if layer is None or not key.endswith(".weight"):
+            continue
+        (a_parts if f".{LORA_A}." in key else b_parts)[layer] = value
+    if set(a_parts) != set(b_parts):
+        raise KeyError(f"unpaired LoRA factors for layers {sorted(set(a_parts) ^ set(b_parts))[:5]}")
+    return {layer: LayerFactors(A=a_parts[layer], B=b_parts[layer]) for layer in sorted(a_parts)}
+
+
+def factor_keys(layer: str) -> tuple[str, str]:
+    return f"{layer}.{LORA_A}.weight", f"{layer}.{LORA_B}.weight"
+
+
+def extra_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    """Adapter-state keys that are not LoRA factors (a trained head, for example)."""
+    return sorted(k for k in state if layer_name(k) is None)
+
+
+# ---- freezing and counting ------------------------------------------------------------------------
+def set_trainable(model: PeftModel, *, lora_a: bool = True, lora_b: bool = True, head: bool = True) -> None:
+    """Choose which adapter parts train. Everything outside the adapter stays frozen."""
+    for name, param in model.named_parameters():
+        if f".{LORA_A}." in name:
+            param.requires_grad_(lora_a)
+        elif f".{LORA_B}." in name:
+            param.requires_grad_(lora_b)
+        elif ".modules_to_save." in name:
+            param.requires_grad_(head)
+        else:
+            param.requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    trainable: int
+    total: int
+    trainable_bytes: int
+
+
+def count_parameters(model: torch.nn.Module) -> ParameterCount:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return ParameterCount(
+        trainable=sum(p.numel() for p in trainable),
+        total=sum(p.numel() for p in model.parameters()),
+        trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
+    )

@@ -1,0 +1,123 @@
+"""The ``fedlowrank`` command line: ``simulate`` (federated, in-process) and ``train`` (centralized).
+
+Flower is imported only inside ``simulate``: the core library stays free of it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from fedlowrank.config import ConfigError, RunConfig, parse_overrides
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated low-rank fine-tuning.")
+console = Console()
+
+SIMULATIONS_DIR = Path(__file__).resolve().parent.parent / "simulations"
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML run config (default: simulations/default.toml).")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key, e.g. --set num-rounds=3 --set lora.r=4 (repeatable)."),
+]
+DataDirOption = Annotated[
+    str | None, typer.Option("--data-dir", help="Folder with local datasets (default: $FEDLOWRANK_DATA).")
+]
+NameOption = Annotated[str | None, typer.Option("--name", help="Run name: output goes to <output-dir>/<name>/.")]
+
+
+def load_config(config_path: Path | None, overrides: list[str] | None, data_dir: str | None,
+                name: str | None) -> RunConfig:
+    extra = list(overrides or [])
+    if data_dir:
+        extra.append(f"data-dir={_toml_string(data_dir)}")
+    if name:
+        extra.append(f"name={_toml_string(name)}")
+    if config_path is None:
+        default = SIMULATIONS_DIR / "default.toml"
+        if default.is_file():
+            return RunConfig.from_toml(default, extra)
+        return RunConfig.from_flat(parse_overrides(extra))
+    return RunConfig.from_toml(config_path, extra)
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+def _quiet_libraries() -> None:
+    import logging
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+@app.command()
+def simulate(config: ConfigOption = None, set_: SetOption = None, data_dir: DataDirOption = None,
+             name: NameOption = None) -> None:
+    """Run a federated simulation in this process (Flower strategies and ClientApp, no Ray)."""
+    from fedlowrank.adapters import AdapterConfigError
+    from fedlowrank.data import DataError
+    from fedlowrank.models import ModelNotFoundError
+    from fedlowrank.progress import RichReporter
+
+    try:
+        run_config = load_config(config, set_, data_dir, name)
+        from strategies.registry import canonical_name
+
+        canonical_name(run_config.strategy)
+        _quiet_libraries()
+        from strategies.simulation import run_inprocess
+
+        run_inprocess(run_config, RichReporter(console))
+    except (ConfigError, DataError, ModelNotFoundError, AdapterConfigError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def train(config: ConfigOption = None, set_: SetOption = None, data_dir: DataDirOption = None,
+          name: NameOption = None) -> None:
+    """Centralized LoRA fine-tuning on the whole training set (the upper bound for federated runs)."""
+    from fedlowrank.adapters import AdapterConfigError
+    from fedlowrank.centralized import train_centralized
+    from fedlowrank.data import DataError
+    from fedlowrank.models import ModelNotFoundError
+    from fedlowrank.progress import RichReporter
+
+    try:
+        run_config = load_config(config, set_, data_dir, name)
+        if name is None:
+            run_config.name = f"{run_config.name}-centralized"
+        _quiet_libraries()
+        train_centralized(run_config, RichReporter(console))
+    except (ConfigError, DataError, ModelNotFoundError, AdapterConfigError) as exc:
+        _fail(str(exc))
+
+
+@app.command("keys")
+def list_keys() -> None:
+    """List every config key with its default value."""
+    for key, value in RunConfig().to_flat().items():
+        console.print(f"{key} = {value!r}")
+
+
+# typer maps the parameter name set_ to --set; keep the public option name stable.
+if __name__ == "__main__":
+    app()

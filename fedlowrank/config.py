@@ -1,0 +1,297 @@
+"""Run configuration: typed sections, TOML files, ``--set key=value`` overrides and flat Flower run-configs.
+
+One set of keys is used everywhere: the TOML files in ``simulations/``, ``--set`` on the command line,
+``[tool.flwr.app.config]`` and ``flwr run --run-config``. Top-level keys are written with dashes
+(``num-rounds``); keys inside a section are dotted (``lora.r``, ``data.dirichlet-alpha``, ``dp.epsilon``).
+The dataclass defaults *are* the default run; ``simulations/default.toml`` spells them out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says what to change."""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    use_rslora: bool = False
+    # peft's ``init_lora_weights``: "default" (A kaiming-uniform, B = 0), "gaussian", "pissa", ...
+    init: str = "default"
+    # Train the task head (classifier) alongside the adapters. It is sent and aggregated like the factors.
+    train_head: bool = True
+
+
+@dataclass
+class DataSettings:
+    text_column: str = "text"
+    label_column: str = "label"
+    # "iid", "dirichlet", "shards", or "label-proportion" (FFA-LoRA's fixed split, see data.py).
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    shards_per_client: int = 2
+    # For "label-proportion": one list of class proportions per client, e.g. [[0.1, 0.9], [0.9, 0.1]];
+    # empty means FFA-LoRA's pattern (majority 0.9 on a rotating class).
+    label_proportions: list[list[float]] = field(default_factory=list)
+    min_partition_size: int = 10
+    validation_fraction: float = 0.1
+    max_length: int = 64
+    # Cap the number of training / test examples (0 = all): for smoke tests and deployment tests.
+    max_train_examples: int = 0
+    max_test_examples: int = 0
+
+
+@dataclass
+class TrainSettings:
+    local_epochs: float = 1.0
+    # If > 0, the number of local optimizer steps per round (overrides local-epochs).
+    local_steps: int = 0
+    batch_size: int = 32
+    lr: float = 5e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    max_grad_norm: float = 0.0
+    eval_batch_size: int = 128
+
+
+@dataclass
+class DPSettings:
+    """Sample-level DP-SGD (issue 4). Parsed here so runs can record it; not yet executable."""
+
+    epsilon: float = 0.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    strategy: str = "fedit"
+    num_rounds: int = 4
+    num_clients: int = 10
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    model: str = "minilm"
+    # "seq-cls" (sequence classification) or "causal-lm".
+    task: str = "seq-cls"
+    dataset: str = "trec"
+    # Folder with local dataset copies (<data-dir>/<dataset>/train.csv ...); empty: $FEDLOWRANK_DATA.
+    data_dir: str = ""
+    # "adamw" or "sgd".
+    optimizer: str = "adamw"
+    # How clients are weighted in aggregation: "num-examples" or "uniform".
+    weighting: str = "num-examples"
+    seed: int = 0
+    device: str = "auto"
+    output_dir: str = "runs"
+    # Evaluate the global adapter on the global test set every N rounds (and always after the last).
+    server_eval_every: int = 1
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    dp: DPSettings = field(default_factory=DPSettings)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+        flat = _flatten(raw)
+        flat.update(parse_overrides(overrides or []))
+        return cls.from_flat(flat)
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> RunConfig:
+        """Build from flat ``{"num-rounds": 3, "lora.r": 4}`` keys (TOML, --set or Flower run_config)."""
+        config = cls()
+        for key, value in flat.items():
+            config.set(key, value)
+        config.validate()
+        return config
+
+    def set(self, key: str, value: Any) -> None:
+        section_name, _, leaf = key.rpartition(".")
+        target: Any = self
+        if section_name:
+            section_attr = section_name.replace("-", "_")
+            if section_attr not in _section_names():
+                raise ConfigError(_unknown_key_message(key))
+            target = getattr(self, section_attr)
+        attr = leaf.replace("-", "_")
+        hints = get_type_hints(type(target))
+        if attr not in hints or attr in _section_names() and target is self:
+            raise ConfigError(_unknown_key_message(key))
+        setattr(target, attr, _coerce(key, value, hints[attr]))
+
+    # ---- validation ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        need(self.num_rounds >= 1, "num-rounds must be >= 1")
+        need(self.num_clients >= 1, "num-clients must be >= 1")
+        need(0.0 < self.fraction_train <= 1.0, "fraction-train must be in (0, 1]")
+        need(0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate must be in [0, 1]")
+        need(self.task in ("seq-cls", "causal-lm"), f"task must be 'seq-cls' or 'causal-lm', got {self.task!r}")
+        need(self.optimizer in ("adamw", "sgd"), f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        need(
+            self.weighting in ("num-examples", "uniform"),
+            f"weighting must be 'num-examples' or 'uniform', got {self.weighting!r}",
+        )
+        need(self.lora.r >= 1, "lora.r must be >= 1")
+        need(self.lora.alpha > 0, "lora.alpha must be > 0")
+        need(0.0 <= self.lora.dropout < 1.0, "lora.dropout must be in [0, 1)")
+        need(bool(self.lora.target_modules), "lora.target-modules must name at least one module")
+        partitioners = ("iid", "dirichlet", "shards", "label-proportion")
+        need(
+            self.data.partitioner in partitioners,
+            f"data.partitioner must be one of {partitioners}, got {self.data.partitioner!r}",
+        )
+        need(self.data.dirichlet_alpha > 0, "data.dirichlet-alpha must be > 0")
+        need(0.0 <= self.data.validation_fraction < 1.0, "data.validation-fraction must be in [0, 1)")
+        need(self.data.max_length >= 8, "data.max-length must be >= 8")
+        need(self.train.batch_size >= 1, "train.batch-size must be >= 1")
+        need(self.train.lr > 0, "train.lr must be > 0")
+        need(
+            self.train.local_steps > 0 or self.train.local_epochs > 0,
+            "set train.local-steps or train.local-epochs > 0",
+        )
+        need(self.server_eval_every >= 1, "server-eval-every must be >= 1")
+        if self.dp.epsilon:
+            raise ConfigError(
+                "dp.epsilon is set, but sample-level DP-SGD is not implemented yet in this version "
+                "(tracked as issue 4); remove the [dp] section to train without DP"
+            )
+
+    # ---- output -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Nested dict with dashed keys, as written in the TOML files."""
+
+        def convert(obj: Any) -> Any:
+            if dataclasses.is_dataclass(obj):
+                return {f.name.replace("_", "-"): convert(getattr(obj, f.name)) for f in fields(obj)}
+            return obj
+
+        return convert(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def to_flat(self) -> dict[str, bool | int | float | str]:
+        """Scalar-only flat keys, the form Flower's run_config accepts (lists become comma strings)."""
+        flat = {}
+        for key, value in _flatten(self.to_dict()).items():
+            if isinstance(value, list):
+                value = _list_to_string(value)
+            flat[key] = value
+        return flat
+
+    def resolved_data_dir(self) -> str:
+        return self.data_dir or os.environ.get("FEDLOWRANK_DATA", "")
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["num-rounds=3", "lora.target-modules=[\"query\"]"]`` -> typed values (TOML syntax, else a string)."""
+    parsed = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        parsed[key.strip()] = _parse_value(text.strip())
+    return parsed
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{full}."))
+        else:
+            flat[full] = value
+    return flat
+
+
+def _section_names() -> set[str]:
+    return {f.name for f in fields(RunConfig) if dataclasses.is_dataclass(f.default_factory)}  # type: ignore[arg-type]
+
+
+def all_keys() -> list[str]:
+    return sorted(_flatten(RunConfig().to_dict()).keys())
+
+
+def _unknown_key_message(key: str) -> str:
+    keys = all_keys()
+    close = difflib.get_close_matches(key, keys, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return f"unknown config key {key!r}.{hint} Valid keys: {', '.join(keys)}"
+
+
+def _list_to_string(value: list) -> str:
+    if value and isinstance(value[0], list):
+        return ";".join(",".join(str(x) for x in row) for row in value)
+    return ",".join(str(x) for x in value)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Coerce a TOML/CLI/Flower value to the field's type, or say clearly why it cannot be."""
+    hint_text = str(hint)
+    try:
+        if hint is bool or hint_text == "bool":
+            if isinstance(value, str):
+                lowered = value.lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return lowered in ("true", "1", "yes")
+            return bool(value)
+        if hint is int or hint_text == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if hint is float or hint_text == "float":
+            return float(value)
+        if hint is str or hint_text == "str":
+            if not isinstance(value, str | int | float):
+                raise ValueError
+            return str(value)
+        if hint_text == "list[str]":
+            if isinstance(value, str):
+                return [part.strip() for part in value.split(",") if part.strip()]
+            return [str(v) for v in value]
+        if hint_text == "list[list[float]]":
+            if isinstance(value, str):
+                return [[float(x) for x in row.split(",")] for row in value.split(";") if row.strip()]
+            return [[float(x) for x in row] for row in value]
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise ConfigError(f"config key {key!r}: unsupported type {hint_text}")
+    raise ConfigError(f"config key {key!r}: cannot use {value!r} as {hint_text}")

@@ -1,0 +1,302 @@
+"""Datasets: load by hub name or local files, partition across clients, tokenize with per-batch padding.
+
+Local layout understood by name: ``<data-dir>/<name>/{train,test,validation}.{csv,json,jsonl,parquet}``.
+A path to a folder with such files, or to a single file, works too; anything else is tried on the hub.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, concatenate_datasets, load_dataset
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, ShardPartitioner
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from fedlowrank.config import DataSettings
+from fedlowrank.hub import hub_reachable
+
+FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+TRAIN_SPLITS = ("train",)
+TEST_SPLITS = ("test", "validation", "valid", "dev")
+
+
+class DataError(ValueError):
+    """The dataset cannot be found, read, or split as configured; the message says how to fix it."""
+
+
+@dataclass
+class TaskData:
+    """A labelled text-classification task: train and test splits with integer labels."""
+
+    train: Dataset
+    test: Dataset
+    label_names: list[str]
+    text_column: str
+    label_column: str
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+# ---- loading --------------------------------------------------------------------------------------
+def _local_split_files(folder: Path) -> dict[str, str]:
+    files: dict[str, str] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix in FILE_FORMATS:
+            split = path.stem
+            if split in TRAIN_SPLITS or split in TEST_SPLITS:
+                files.setdefault(split, str(path))
+    return files
+
+
+def _read_files(files: dict[str, str]) -> DatasetDict:
+    formats = {FILE_FORMATS[Path(f).suffix] for f in files.values()}
+    if len(formats) != 1:
+        raise DataError(f"mixed file formats in one dataset: {sorted(files.values())}")
+    return load_dataset(formats.pop(), data_files=files)
+
+
+def _not_found(name: str, data_dir: str, reason: str) -> DataError:
+    where = f"{data_dir}/{name}/" if data_dir else "<data-dir>/" + name + "/"
+    return DataError(
+        f"dataset {name!r} not found ({reason}). Offline, point at local files: put train.csv and test.csv "
+        f"(or .json/.jsonl/.parquet) in {where} and pass --data-dir (or set FEDLOWRANK_DATA, or the "
+        "'data-dir' config key), or pass the folder or file path itself as the dataset. "
+        "Online, any Hugging Face hub dataset name works."
+    )
+
+
+def load_raw_dataset(name_or_path: str, data_dir: str = "") -> DatasetDict:
+    """Find and read a dataset: <data_dir>/<name>/, a folder, a file, or a hub name."""
+    candidates = []
+    if data_dir:
+        candidates.append(Path(data_dir).expanduser() / name_or_path)
+    candidates.append(Path(name_or_path).expanduser())
+    for candidate in candidates:
+        if candidate.is_dir():
+            files = _local_split_files(candidate)
+            if "train" not in files:
+                raise DataError(f"{candidate} has no train.csv/.json/.jsonl/.parquet file")
+            return _read_files(files)
+        if candidate.is_file():
+            if candidate.suffix not in FILE_FORMATS:
+                raise DataError(f"{candidate}: unsupported file type; use one of {sorted(FILE_FORMATS)}")
+            return _read_files({"train": str(candidate)})
+    if data_dir and not Path(data_dir).expanduser().is_dir():
+        raise _not_found(name_or_path, data_dir, f"data dir {data_dir} does not exist")
+    if not hub_reachable():
+        raise _not_found(name_or_path, data_dir, "no local copy, and the Hugging Face hub is not reachable")
+    try:
+        return load_dataset(name_or_path)
+    except Exception as exc:  # datasets raises many types for "not there"
+        raise _not_found(name_or_path, data_dir, f"{type(exc).__name__}: {exc}") from exc
+
+
+def load_task(
+    name_or_path: str, data_dir: str, settings: DataSettings, test_fraction: float = 0.1, seed: int = 0
+) -> TaskData:
+    """Load a text-classification task with integer labels and a global test split."""
+    raw = load_raw_dataset(name_or_path, data_dir)
+    train_split = next((s for s in TRAIN_SPLITS if s in raw), None)
+    if train_split is None:
+        raise DataError(f"dataset {name_or_path!r} has no train split (splits: {list(raw)})")
+    train = raw[train_split]
+    test_split = next((s for s in TEST_SPLITS if s in raw), None)
+    if test_split is None:
+        # No held-out split shipped: carve one, deterministically.
+        parts = train.train_test_split(test_size=test_fraction, seed=seed)
+        train, test = parts["train"], parts["test"]
+    else:
+        test = raw[test_split]
+    for split_name, split in (("train", train), ("test", test)):
+        missing = [c for c in (settings.text_column, settings.label_column) if c not in split.column_names]
+        if missing:
+            raise DataError(
+                f"dataset {name_or_path!r} ({split_name} split) has no column(s) {missing}; its columns are "
+                f"{split.column_names}. Set data.text-column / data.label-column."
+            )
+    train, test, label_names = _encode_labels(train, test, settings.label_column)
+    keep = [settings.text_column, settings.label_column]
+    train = train.remove_columns([c for c in train.column_names if c not in keep])
+    test = test.remove_columns([c for c in test.column_names if c not in keep])
+    if settings.max_train_examples:
+        train = train.shuffle(seed=seed).select(range(min(settings.max_train_examples, len(train))))
+    if settings.max_test_examples:
+        test = test.shuffle(seed=seed).select(range(min(settings.max_test_examples, len(test))))
+    return TaskData(train, test, label_names, settings.text_column, settings.label_column)
+
+
+def _encode_labels(train: Dataset, test: Dataset, column: str) -> tuple[Dataset, Dataset, list[str]]:
+    feature = train.features[column]
+    if isinstance(feature, ClassLabel):
+        names = list(feature.names)
+    else:
+        values = sorted({str(v) for v in train[column]} | {str(v) for v in test[column]})
+        # Integer labels stay in numeric order; string class names are sorted alphabetically.
+        if all(v.lstrip("-").isdigit() for v in values):
+            values = sorted(values, key=int)
+        names = values
+    class_label = ClassLabel(names=names)
+
+    def encode(split: Dataset) -> Dataset:
+        if isinstance(split.features[column], ClassLabel):
+            return split
+        split = split.map(lambda batch: {column: [class_label.str2int(str(v)) for v in batch[column]]}, batched=True)
+        return split.cast_column(column, class_label)
+
+    return encode(train), encode(test), names
+
+
+# ---- partitioning -----------------------------------------------------------------------------
+class LabelProportionPartitioner(Partitioner):
+    """FFA-LoRA's fixed label-proportion split: client k draws its examples with class proportions p_k.
+
+    Default proportions (none given): client k has 0.9 of its data from class k mod C and the rest spread
+    evenly over the other classes, e.g. [.9, .1] / [.1, .9] for two classes, [.9, .05, .05] + permutations
+    for three. Client sizes are equal; examples are drawn without replacement.
+    """
+
+    def __init__(
+        self, num_partitions: int, partition_by: str, proportions: list[list[float]] | None = None, seed: int = 42
+    ) -> None:
+        super().__init__()
+        self._num_partitions = num_partitions
+        self._partition_by = partition_by
+        self._proportions = proportions or []
+        self._seed = seed
+        self._indices: list[np.ndarray] | None = None
+
+    @property
+    def num_partitions(self) -> int:
+        return self._num_partitions
+
+    def _default_proportions(self, num_classes: int) -> np.ndarray:
+        table = np.full((self._num_partitions, num_classes), 0.1 / max(num_classes - 1, 1))
+        for k in range(self._num_partitions):
+            table[k, k % num_classes] = 0.9
+        return table
+
+    def _build(self) -> list[np.ndarray]:
+        labels = np.asarray(self.dataset[self._partition_by])
+        classes = np.unique(labels)
+        table = np.asarray(self._proportions, dtype=float) if self._proportions else None
+        if table is None:
+            table = self._default_proportions(len(classes))
+        if table.shape != (self._num_partitions, len(classes)):
+            raise DataError(
+                f"data.label-proportions must be {self._num_partitions} rows x {len(classes)} classes, got {table.shape}"
+            )
+        table = table / table.sum(axis=1, keepdims=True)
+        rng = np.random.default_rng(self._seed)
+        pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in classes}
+        # Equal client sizes, as large as the scarcest class allows.
+        demand = table.sum(axis=0)
+        per_client = int(min(len(pools[c]) / demand[i] for i, c in enumerate(classes) if demand[i] > 0))
+        partitions = []
+        for k in range(self._num_partitions):
+            counts = np.floor(table[k] * per_client).astype(int)
+            chosen = []
+            for i, c in enumerate(classes):
+                chosen.extend(pools[c][: counts[i]])
+                pools[c] = pools[c][counts[i]:]
+            partitions.append(rng.permutation(np.asarray(chosen, dtype=int)))
+        return partitions
+
+    def load_partition(self, partition_id: int) -> Dataset:
+        if self._indices is None:
+            self._indices = self._build()
+        return self.dataset.select(self._indices[partition_id])
+
+
+def make_partitioner(settings: DataSettings, num_clients: int, seed: int) -> Partitioner:
+    by = settings.label_column
+    if settings.partitioner == "iid":
+        return IidPartitioner(num_partitions=num_clients)
+    if settings.partitioner == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=num_clients,
+            partition_by=by,
+            alpha=settings.dirichlet_alpha,
+            min_partition_size=settings.min_partition_size,
+            self_balancing=False,
+            seed=seed,
+        )
+    if settings.partitioner == "shards":
+        return ShardPartitioner(
+            num_partitions=num_clients, partition_by=by, num_shards_per_partition=settings.shards_per_client, seed=seed
+        )
+    if settings.partitioner == "label-proportion":
+        return LabelProportionPartitioner(num_clients, by, settings.label_proportions, seed=seed)
+    raise DataError(f"unknown partitioner {settings.partitioner!r}")
+
+
+@dataclass
+class ClientSplit:
+    train: Dataset
+    validation: Dataset
+
+
+def partition(train: Dataset, settings: DataSettings, num_clients: int, seed: int) -> list[ClientSplit]:
+    """Split ``train`` across clients, then each client's share into its own train/validation."""
+    if num_clients > len(train):
+        raise DataError(
+            f"{num_clients} clients but only {len(train)} training examples: every client needs data; "
+            "use fewer clients or more data"
+        )
+    partitioner = make_partitioner(settings, num_clients, seed)
+    partitioner.dataset = train
+    try:
+        shares = [partitioner.load_partition(k) for k in range(num_clients)]
+    except ValueError as exc:
+        raise DataError(f"could not partition {len(train)} examples over {num_clients} clients: {exc}") from exc
+    empty = [k for k, share in enumerate(shares) if len(share) == 0]
+    if empty:
+        raise DataError(
+            f"client(s) {empty[:10]} would get no data with partitioner {settings.partitioner!r}; "
+            "use fewer clients, a larger dirichlet-alpha, or more data"
+        )
+    splits = []
+    for k, share in enumerate(shares):
+        n_val = int(round(len(share) * settings.validation_fraction))
+        if n_val == 0 or len(share) - n_val < 1:
+            splits.append(ClientSplit(train=share, validation=share.select([])))
+            continue
+        parts = share.train_test_split(test_size=n_val, seed=seed + k)
+        splits.append(ClientSplit(train=parts["train"], validation=parts["test"]))
+    return splits
+
+
+def label_histogram(dataset: Dataset, label_column: str, num_labels: int) -> np.ndarray:
+    return np.bincount(np.asarray(dataset[label_column], dtype=int), minlength=num_labels)
+
+
+# ---- tokenization ---------------------------------------------------------------------------------
+def tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, text_column: str, label_column: str,
+             max_length: int) -> Dataset:
+    """Tokenize without padding (padding happens per batch in the collator), labels as ``labels``."""
+
+    def encode(batch: dict) -> dict:
+        encoded = tokenizer(batch[text_column], truncation=True, max_length=max_length)
+        encoded["labels"] = batch[label_column]
+        return encoded
+
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names)
+
+
+def make_loader(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int, shuffle: bool,
+                seed: int = 0) -> DataLoader:
+    """Batches padded to the longest sequence in the batch (fixed-length padding was ~3x slower)."""
+    collator = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset.with_format(None), batch_size=batch_size, shuffle=shuffle, collate_fn=collator, generator=generator
+    )
+
+
+def concatenate(parts: list[Dataset]) -> Dataset:
+    return concatenate_datasets(parts)

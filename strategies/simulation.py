@@ -1,0 +1,115 @@
+"""In-process simulation: a Flower ``Grid`` that answers messages by calling the ClientApp directly.
+
+No Ray, no processes: every virtual SuperNode has its own ``Context`` (node config and persistent
+state, as in Flower), and all share one loaded base model. The strategy and the ClientApp are the
+same objects that run under ``flwr run`` and on real SuperNodes.
+"""
+
+from __future__ import annotations
+
+import random
+import traceback
+from collections.abc import Callable, Iterable
+from typing import Any
+from uuid import uuid4
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients.client_app import make_client_app
+from fedlowrank.config import RunConfig
+from fedlowrank.progress import Reporter
+from strategies.server_app import run_server
+
+
+class InProcessGrid(Grid):
+    """A Grid whose nodes are ClientApp calls in this process, one after another."""
+
+    def __init__(
+        self,
+        client_app: ClientApp,
+        num_nodes: int,
+        run_config: dict[str, Any] | None = None,
+        run_id: int = 1,
+        on_reply: Callable[[Message], None] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.client_app = client_app
+        self.on_reply = on_reply
+        self._run = Run.create_empty(run_id)
+        rng = random.Random(seed)
+        self.node_ids = [rng.getrandbits(63) for _ in range(num_nodes)]
+        self.contexts = {
+            node_id: Context(
+                run_id=run_id,
+                node_id=node_id,
+                node_config={"partition-id": pid, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
+            )
+            for pid, node_id in enumerate(self.node_ids)
+        }
+        self._pending: dict[str, Message] = {}
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            if message.metadata.dst_node_id not in self.contexts:
+                raise ValueError(f"unknown destination node {message.metadata.dst_node_id}")
+            message_id = str(uuid4())
+            message.metadata.__dict__["_message_id"] = message_id
+            self._pending[message_id] = message
+            ids.append(message_id)
+        return ids
+
+    def _handle(self, message: Message) -> Message:
+        context = self.contexts[message.metadata.dst_node_id]
+        try:
+            reply = self.client_app(message, context)
+        except Exception as exc:  # as Flower does: a failing client becomes an error reply
+            reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+        reply.metadata.__dict__["_message_id"] = str(uuid4())
+        if self.on_reply is not None:
+            self.on_reply(reply)
+        return reply
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._handle(self._pending.pop(mid)) for mid in list(message_ids) if mid in self._pending]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+def run_inprocess(config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Run a federated simulation of ``config`` in this process; returns the run summary."""
+    reporter = reporter or Reporter()
+    # Messages built by the server read the process's task identity, which Flower's runtimes set.
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+    grid = InProcessGrid(
+        make_client_app(config),
+        num_nodes=config.num_clients,
+        run_config=config.to_flat(),
+        on_reply=lambda reply: reporter.client_finished() if reply.metadata.message_type == "train" else None,
+        seed=config.seed,
+    )
+    return run_server(grid, config, reporter)
