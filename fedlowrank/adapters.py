@@ -117,7 +117,8 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor], strict:
     for key, value in state.items():
         if tuple(value.shape) != tuple(known[key].shape):
             raise ValueError(f"{key}: shape {tuple(value.shape)} does not match the model's {tuple(known[key].shape)}")
-    set_peft_model_state_dict(model, dict(state))
+    # peft's loader needs every saved-module key; missing ones keep their current values.
+    set_peft_model_state_dict(model, {**known, **state})
 
 
 def layer_name(key: str) -> str | None:

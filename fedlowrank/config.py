@@ -263,7 +263,7 @@ def _list_to_string(value: list) -> str:
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Coerce a TOML/CLI/Flower value to the field's type, or say clearly why it cannot be."""
-    hint_text = str(hint)
+    hint_text = getattr(hint, "__name__", None) if isinstance(hint, type) else str(hint)
     try:
         if hint is bool or hint_text == "bool":
             if isinstance(value, str):

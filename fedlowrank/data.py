@@ -199,7 +199,7 @@ class LabelProportionPartitioner(Partitioner):
         per_client = int(min(len(pools[c]) / demand[i] for i, c in enumerate(classes) if demand[i] > 0))
         partitions = []
         for k in range(self._num_partitions):
-            counts = np.floor(table[k] * per_client).astype(int)
+            counts = _round_preserving_sum(table[k] * per_client, per_client)
             chosen = []
             for i, c in enumerate(classes):
                 chosen.extend(pools[c][: counts[i]])
@@ -211,6 +211,14 @@ class LabelProportionPartitioner(Partitioner):
         if self._indices is None:
             self._indices = self._build()
         return self.dataset.select(self._indices[partition_id])
+
+
+def _round_preserving_sum(values: np.ndarray, total: int) -> np.ndarray:
+    """Largest-remainder rounding: integers that sum to ``total`` and stay within 1 of ``values``."""
+    counts = np.floor(values).astype(int)
+    remainder = total - counts.sum()
+    counts[np.argsort(-(values - counts))[:remainder]] += 1
+    return counts
 
 
 def make_partitioner(settings: DataSettings, num_clients: int, seed: int) -> Partitioner:

@@ -1,0 +1,52 @@
+"""Shared fixtures: the real datasets from ../shared/data (or $FEDLOWRANK_DATA) and real MiniLM."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _data_dir() -> Path:
+    path = Path(os.environ.get("FEDLOWRANK_DATA") or REPO.parent / "shared" / "data").resolve()
+    if not (path / "trec" / "train.csv").is_file():
+        raise RuntimeError(f"real datasets not found at {path}: set FEDLOWRANK_DATA to the shared data folder")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return _data_dir()
+
+
+@pytest.fixture()
+def tiny_config(data_dir, tmp_path):
+    """A small but real run: MiniLM on a TREC subset, a few local steps."""
+    from fedlowrank.config import RunConfig
+
+    def make(**overrides):
+        flat = {
+            "name": "tiny",
+            "output-dir": str(tmp_path / "runs"),
+            "data-dir": str(data_dir),
+            "num-clients": 3,
+            "num-rounds": 2,
+            "data.max-train-examples": 240,
+            "data.max-test-examples": 96,
+            "data.max-length": 32,
+            "data.min-partition-size": 5,
+            "train.local-steps": 3,
+            "train.batch-size": 16,
+        }
+        flat.update(overrides)
+        return RunConfig.from_flat(flat)
+
+    return make

@@ -1,0 +1,137 @@
+import numpy as np
+import pytest
+
+from fedlowrank.config import DataSettings
+from fedlowrank.data import DataError, label_histogram, load_task, make_loader, partition, tokenize
+
+
+@pytest.fixture(scope="module")
+def trec(data_dir):
+    return load_task("trec", str(data_dir), DataSettings())
+
+
+def _skew(task, splits):
+    """Mean total-variation distance between each client's label distribution and the global one."""
+    global_hist = label_histogram(task.train, "label", task.num_labels)
+    global_dist = global_hist / global_hist.sum()
+    distances = []
+    for split in splits:
+        hist = label_histogram(split.train, "label", task.num_labels) + label_histogram(
+            split.validation, "label", task.num_labels
+        )
+        distances.append(0.5 * np.abs(hist / hist.sum() - global_dist).sum())
+    return float(np.mean(distances))
+
+
+def test_trec_loads_with_six_named_classes(trec):
+    assert len(trec.train) == 5452 and len(trec.test) == 500
+    assert trec.label_names == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+    assert set(trec.train["label"]) == set(range(6))
+    assert trec.train.column_names == ["text", "label"]
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "shards", "label-proportion"])
+def test_partitions_are_disjoint_and_nonempty(trec, partitioner):
+    settings = DataSettings(partitioner=partitioner, dirichlet_alpha=0.5)
+    indexed = trec.train.add_column("row", list(range(len(trec.train))))
+    splits = partition(indexed, settings, num_clients=6, seed=0)
+    rows = [r for s in splits for r in list(s.train["row"]) + list(s.validation["row"])]
+    assert all(len(s.train) > 0 for s in splits)
+    assert len(rows) == len(set(rows))  # no example is given to two clients
+    if partitioner in ("iid", "dirichlet"):
+        assert len(rows) == len(trec.train)  # and none is dropped
+    for s in splits:  # the validation fraction is honoured per client
+        n = len(s.train) + len(s.validation)
+        assert abs(len(s.validation) - round(0.1 * n)) <= 1
+
+
+def test_dirichlet_label_skew_is_measurable_and_grows_as_alpha_shrinks(trec):
+    iid = _skew(trec, partition(trec.train, DataSettings(partitioner="iid"), 10, 0))
+    mild = _skew(trec, partition(trec.train, DataSettings(partitioner="dirichlet", dirichlet_alpha=5.0), 10, 0))
+    strong = _skew(trec, partition(trec.train, DataSettings(partitioner="dirichlet", dirichlet_alpha=0.1), 10, 0))
+    assert iid < 0.05
+    assert mild > iid
+    assert strong > mild + 0.2
+
+
+def test_partitioning_is_deterministic_given_the_seed(trec):
+    first = partition(trec.train, DataSettings(), 10, seed=3)
+    second = partition(trec.train, DataSettings(), 10, seed=3)
+    other = partition(trec.train, DataSettings(), 10, seed=4)
+    assert [list(s.train["text"]) for s in first] == [list(s.train["text"]) for s in second]
+    assert [len(s.train) for s in first] != [len(s.train) for s in other]
+
+
+def test_label_proportion_split_matches_ffa_pattern(data_dir):
+    sst2 = load_task("sst2", str(data_dir), DataSettings(max_train_examples=4000))
+    settings = DataSettings(partitioner="label-proportion", label_proportions=[[0.1, 0.9], [0.9, 0.1], [0.5, 0.5]],
+                            validation_fraction=0.0)
+    splits = partition(sst2.train, settings, 3, seed=0)
+    sizes = {len(s.train) for s in splits}
+    assert len(sizes) == 1  # equal client sizes
+    fractions = [label_histogram(s.train, "label", 2) / len(s.train) for s in splits]
+    np.testing.assert_allclose(fractions, [[0.1, 0.9], [0.9, 0.1], [0.5, 0.5]], atol=0.01)
+
+
+def test_default_label_proportions_put_ninety_percent_on_one_class(trec):
+    splits = partition(trec.train, DataSettings(partitioner="label-proportion", validation_fraction=0.0), 6, 0)
+    for k, split in enumerate(splits):
+        hist = label_histogram(split.train, "label", 6)
+        assert hist.argmax() == k
+        assert hist[k] / hist.sum() == pytest.approx(0.9, abs=0.02)
+
+
+def test_dynamic_padding_pads_each_batch_to_its_longest_example(trec):
+    from fedlowrank.models import load_tokenizer
+
+    tokenizer = load_tokenizer("minilm")
+    data = tokenize(trec.train.select(range(64)), tokenizer, "text", "label", max_length=64)
+    lengths = [len(ids) for ids in data["input_ids"]]
+    loader = make_loader(data, tokenizer, batch_size=8, shuffle=False)
+    widths = []
+    for i, batch in enumerate(loader):
+        widths.append(batch["input_ids"].shape[1])
+        assert widths[-1] == max(lengths[i * 8:(i + 1) * 8])
+        assert set(batch) >= {"input_ids", "attention_mask", "labels"}
+    assert len(set(widths)) > 1
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+def test_unknown_dataset_says_how_to_point_at_local_files(data_dir):
+    with pytest.raises(DataError, match="--data-dir") as info:
+        load_task("no-such-dataset-xyz", str(data_dir), DataSettings())
+    assert "FEDLOWRANK_DATA" in str(info.value)
+
+
+def test_missing_column_is_named(data_dir):
+    with pytest.raises(DataError, match=r"no column\(s\) \['sentence'\].*text-column"):
+        load_task("trec", str(data_dir), DataSettings(text_column="sentence"))
+
+
+def test_more_clients_than_examples(trec):
+    with pytest.raises(DataError, match="only 20 training examples"):
+        partition(trec.train.select(range(20)), DataSettings(partitioner="iid"), 30, 0)
+
+
+def test_a_client_left_without_data_is_refused(trec):
+    # 6 classes, 2 shards each: a 7th client cannot get a shard of a 10-example dataset.
+    tiny = trec.train.select(range(30))
+    with pytest.raises(DataError, match="no data|could not partition"):
+        partition(tiny, DataSettings(partitioner="dirichlet", dirichlet_alpha=0.01, min_partition_size=0), 25, 0)
+
+
+def test_local_files_by_path_and_other_formats(tmp_path, trec):
+    folder = tmp_path / "mytask"
+    folder.mkdir()
+    trec.train.select(range(50)).to_json(folder / "train.jsonl")
+    trec.test.select(range(20)).to_parquet(folder / "test.parquet")
+    with pytest.raises(DataError, match="mixed file formats"):
+        load_task(str(folder), "", DataSettings())
+    (folder / "test.parquet").unlink()
+    trec.test.select(range(20)).to_json(folder / "test.jsonl")
+    task = load_task(str(folder), "", DataSettings())
+    assert len(task.train) == 50 and len(task.test) == 20
+    single = tmp_path / "only.csv"
+    trec.train.select(range(100)).to_csv(single)
+    task = load_task(str(single), "", DataSettings())  # no test split shipped: 10 % carved out
+    assert len(task.train) == 90 and len(task.test) == 10

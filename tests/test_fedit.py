@@ -1,0 +1,85 @@
+import pytest
+import torch
+from flwr.app import Message, MetricRecord, RecordDict
+
+from fedlowrank.adapters import LayerFactors
+from strategies import fedit
+from strategies.base import LoRAStrategy, client_weights
+from strategies.records import record_to_state, state_to_record
+
+
+def _random_clients(k=4, layers=("l0", "l1"), d_in=12, d_out=10, r=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        {name: LayerFactors(A=torch.randn(r, d_in, generator=generator), B=torch.randn(d_out, r, generator=generator))
+         for name in layers}
+        for _ in range(k)
+    ]
+
+
+def test_fedit_averages_each_factor_in_float64():
+    clients = _random_clients()
+    weights = client_weights([10, 30, 20, 40])
+    result = fedit.aggregate(clients, weights)
+    w = weights.tolist()
+    for layer in ("l0", "l1"):
+        ref_a = sum(w[k] * clients[k][layer].A.double() for k in range(4))
+        ref_b = sum(w[k] * clients[k][layer].B.double() for k in range(4))
+        torch.testing.assert_close(result[layer].A.double(), ref_a, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(result[layer].B.double(), ref_b, rtol=1e-6, atol=1e-7)
+
+
+def test_fedit_product_differs_from_the_average_product_by_the_cross_covariance():
+    clients = _random_clients(seed=1)
+    weights = client_weights([1, 2, 3, 4])
+    result = fedit.aggregate(clients, weights)["l0"]
+    ideal = sum(w * c["l0"].B.double() @ c["l0"].A.double() for w, c in zip(weights, clients, strict=True))
+    a_bar, b_bar = result.A.double(), result.B.double()
+    gap = sum(w * (c["l0"].B.double() - b_bar) @ (c["l0"].A.double() - a_bar)
+              for w, c in zip(weights, clients, strict=True))
+    torch.testing.assert_close(ideal - b_bar @ a_bar, gap, rtol=1e-5, atol=1e-5)
+    assert gap.norm() > 0.1 * ideal.norm()  # independent clients: FedIT's bias is large
+
+
+def test_client_weights():
+    torch.testing.assert_close(client_weights([1, 3]), torch.tensor([0.25, 0.75], dtype=torch.float64))
+    torch.testing.assert_close(client_weights([1, 3], "uniform"), torch.tensor([0.5, 0.5], dtype=torch.float64))
+    with pytest.raises(ValueError, match="zero examples"):
+        client_weights([0, 0])
+
+
+def _reply(state, num_examples, node):
+    instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
+    instruction.metadata.__dict__["_message_id"] = f"m{node}"
+    content = RecordDict({"arrays": state_to_record(state),
+                          "metrics": MetricRecord({"num-examples": num_examples, "train-loss": float(node)})})
+    return Message(content, reply_to=instruction)
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+
+
+def test_flower_strategy_weights_by_examples_and_averages_the_head():
+    clients = _random_clients(k=3)
+    states = []
+    for k, factors in enumerate(clients):
+        state = {}
+        for layer, pair in factors.items():
+            state[f"{layer}.lora_A.weight"], state[f"{layer}.lora_B.weight"] = pair.A, pair.B
+        state["classifier.weight"] = torch.full((2, 4), float(k))
+        states.append(state)
+    strategy = LoRAStrategy(fedit.aggregate)
+    arrays, metrics = strategy.aggregate_train(1, [_reply(s, n, i + 1) for i, (s, n) in enumerate(zip(states, [10, 20, 70], strict=True))])
+    merged = record_to_state(arrays)
+    weights = [0.1, 0.2, 0.7]
+    expected_a = sum(w * c["l1"].A for w, c in zip(weights, clients, strict=True))
+    torch.testing.assert_close(merged["l1.lora_A.weight"], expected_a, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(merged["classifier.weight"], torch.full((2, 4), 0.2 + 1.4))
+    assert metrics["train-loss"] == pytest.approx(0.1 * 1 + 0.2 * 2 + 0.7 * 3)
+    uniform = LoRAStrategy(fedit.aggregate, weighting="uniform")
+    arrays, _ = uniform.aggregate_train(1, [_reply(s, n, i + 1) for i, (s, n) in enumerate(zip(states, [10, 20, 70], strict=True))])
+    torch.testing.assert_close(record_to_state(arrays)["classifier.weight"], torch.full((2, 4), 1.0))
