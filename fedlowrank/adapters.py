@@ -7,6 +7,7 @@ with ``set_peft_model_state_dict`` and a saved adapter with ``PeftModel.from_pre
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +54,10 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings, task: str = "seq
         init_lora_weights=init,
         modules_to_save=heads or None,
     )
-    peft_model = get_peft_model(model, lora_config)
+    with warnings.catch_warnings():
+        # peft asks transformers about gradient checkpointing through a name v5 deprecates
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, lora_config)
     if task == "seq-cls" and not settings.train_head:
         # peft's SEQ_CLS task type adds the classifier to modules_to_save on its own; undo that so the
         # head stays frozen when asked.

@@ -32,8 +32,9 @@ DataDirOption = Annotated[
 NameOption = Annotated[str | None, typer.Option("--name", help="Run name: output goes to <output-dir>/<name>/.")]
 
 
-def load_config(config_path: Path | None, overrides: list[str] | None, data_dir: str | None,
-                name: str | None) -> RunConfig:
+def load_config(
+    config_path: Path | None, overrides: list[str] | None, data_dir: str | None, name: str | None
+) -> RunConfig:
     extra = list(overrides or [])
     if data_dir:
         extra.append(f"data-dir={_toml_string(data_dir)}")
@@ -70,8 +71,9 @@ def _quiet_libraries() -> None:
 
 
 @app.command()
-def simulate(config: ConfigOption = None, set_: SetOption = None, data_dir: DataDirOption = None,
-             name: NameOption = None) -> None:
+def simulate(
+    config: ConfigOption = None, set_: SetOption = None, data_dir: DataDirOption = None, name: NameOption = None
+) -> None:
     """Run a federated simulation in this process (Flower strategies and ClientApp, no Ray)."""
     from fedlowrank.adapters import AdapterConfigError
     from fedlowrank.data import DataError
@@ -92,8 +94,9 @@ def simulate(config: ConfigOption = None, set_: SetOption = None, data_dir: Data
 
 
 @app.command()
-def train(config: ConfigOption = None, set_: SetOption = None, data_dir: DataDirOption = None,
-          name: NameOption = None) -> None:
+def train(
+    config: ConfigOption = None, set_: SetOption = None, data_dir: DataDirOption = None, name: NameOption = None
+) -> None:
     """Centralized LoRA fine-tuning on the whole training set (the upper bound for federated runs)."""
     from fedlowrank.adapters import AdapterConfigError
     from fedlowrank.centralized import train_centralized

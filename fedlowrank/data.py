@@ -6,12 +6,14 @@ A path to a folder with such files, or to a single file, works too; anything els
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, concatenate_datasets, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
+from datasets.utils import logging as datasets_logging
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, ShardPartitioner
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
@@ -189,7 +191,8 @@ class LabelProportionPartitioner(Partitioner):
             table = self._default_proportions(len(classes))
         if table.shape != (self._num_partitions, len(classes)):
             raise DataError(
-                f"data.label-proportions must be {self._num_partitions} rows x {len(classes)} classes, got {table.shape}"
+                f"data.label-proportions must be {self._num_partitions} rows x {len(classes)} classes, "
+                f"got {table.shape}"
             )
         table = table / table.sum(axis=1, keepdims=True)
         rng = np.random.default_rng(self._seed)
@@ -203,7 +206,7 @@ class LabelProportionPartitioner(Partitioner):
             chosen = []
             for i, c in enumerate(classes):
                 chosen.extend(pools[c][: counts[i]])
-                pools[c] = pools[c][counts[i]:]
+                pools[c] = pools[c][counts[i] :]
             partitions.append(rng.permutation(np.asarray(chosen, dtype=int)))
         return partitions
 
@@ -284,8 +287,9 @@ def label_histogram(dataset: Dataset, label_column: str, num_labels: int) -> np.
 
 
 # ---- tokenization ---------------------------------------------------------------------------------
-def tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, text_column: str, label_column: str,
-             max_length: int) -> Dataset:
+def tokenize(
+    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, text_column: str, label_column: str, max_length: int
+) -> Dataset:
     """Tokenize without padding (padding happens per batch in the collator), labels as ``labels``."""
 
     def encode(batch: dict) -> dict:
@@ -293,18 +297,28 @@ def tokenize(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, text_column: 
         encoded["labels"] = batch[label_column]
         return encoded
 
-    return dataset.map(encode, batched=True, remove_columns=dataset.column_names)
+    with _quiet_progress():
+        return dataset.map(encode, batched=True, remove_columns=dataset.column_names)
 
 
-def make_loader(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int, shuffle: bool,
-                seed: int = 0) -> DataLoader:
+@contextmanager
+def _quiet_progress():
+    """Tokenizing a client's few hundred examples needs no progress bar of its own."""
+    was_enabled = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets_logging.enable_progress_bar()
+
+
+def make_loader(
+    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int, shuffle: bool, seed: int = 0
+) -> DataLoader:
     """Batches padded to the longest sequence in the batch (fixed-length padding was ~3x slower)."""
     collator = DataCollatorWithPadding(tokenizer, return_tensors="pt")
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset.with_format(None), batch_size=batch_size, shuffle=shuffle, collate_fn=collator, generator=generator
     )
-
-
-def concatenate(parts: list[Dataset]) -> Dataset:
-    return concatenate_datasets(parts)

@@ -94,6 +94,8 @@ def load_model(
         raise ModelNotFoundError(_not_found_message(name_or_path, exc)) from exc
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" report is expected here
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         if task == "seq-cls":
             if not num_labels:
@@ -113,6 +115,8 @@ def load_model(
         raise ModelNotFoundError(_not_found_message(name_or_path, exc)) from exc
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     return model.to(device)
 
 
@@ -120,5 +124,3 @@ def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
-
-

@@ -77,7 +77,10 @@ class RichReporter(Reporter):
 
     def round_started(self, server_round: int, num_clients: int) -> None:
         self.progress.update(
-            self.clients_task, description=f"round {server_round}: clients", total=num_clients, completed=0,
+            self.clients_task,
+            description=f"round {server_round}: clients",
+            total=num_clients,
+            completed=0,
             visible=True,
         )
 

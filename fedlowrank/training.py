@@ -68,8 +68,13 @@ def cycle_batches(loader: DataLoader, steps: int) -> Iterator[dict]:
                 return
 
 
-def training_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
-                  trainable: list[torch.nn.Parameter], max_grad_norm: float = 0.0) -> float:
+def training_step(
+    model: torch.nn.Module,
+    batch: dict,
+    optimizer: torch.optim.Optimizer,
+    trainable: list[torch.nn.Parameter],
+    max_grad_norm: float = 0.0,
+) -> float:
     outputs = model(**batch)
     loss = outputs.loss
     loss.backward()

@@ -22,9 +22,7 @@ def weighted_average(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> 
     return (weights.to(torch.float64).view(shape) * stacked).sum(dim=0).to(tensors[0].dtype)
 
 
-def aggregate(
-    client_factors: Sequence[dict[str, LayerFactors]], weights: torch.Tensor
-) -> dict[str, LayerFactors]:
+def aggregate(client_factors: Sequence[dict[str, LayerFactors]], weights: torch.Tensor) -> dict[str, LayerFactors]:
     """FedIT: per layer, Ā = sum_k p_k A_k and B̄ = sum_k p_k B_k (weights sum to one)."""
     layers = client_factors[0].keys()
     return {

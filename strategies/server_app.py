@@ -62,9 +62,7 @@ def run_server(grid: Grid, config: RunConfig, reporter: Reporter | None = None) 
     total_down = total_up = 0
     for server_round in range(1, config.num_rounds + 1):
         round_started = time.perf_counter()
-        train_messages = list(
-            strategy.configure_train(server_round, arrays, ConfigRecord({"seed": config.seed}), grid)
-        )
+        train_messages = list(strategy.configure_train(server_round, arrays, ConfigRecord({"seed": config.seed}), grid))
         bytes_down = sum(record_bytes(m.content[strategy.arrayrecord_key]) for m in train_messages)
         reporter.round_started(server_round, len(train_messages))
         replies = list(grid.send_and_receive(train_messages))

@@ -29,8 +29,10 @@ def test_factors_pair_per_layer_with_peft_shapes(peft_model):
         assert pair.A.shape == (4, 384) and pair.B.shape == (384, 4)
         assert torch.count_nonzero(pair.B) == 0  # peft init: B = 0
         assert torch.count_nonzero(pair.A) > 0
-    assert extra_keys(adapter_state(peft_model)) == ["base_model.model.classifier.bias",
-                                                     "base_model.model.classifier.weight"]
+    assert extra_keys(adapter_state(peft_model)) == [
+        "base_model.model.classifier.bias",
+        "base_model.model.classifier.weight",
+    ]
 
 
 def test_adapter_state_round_trips_and_changes_the_model(peft_model):
@@ -116,8 +118,14 @@ def test_unknown_model_says_how_to_use_local_files(tmp_path):
 def test_causal_lm_loads_from_a_local_folder(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     LlamaForCausalLM(config).save_pretrained(tmp_path / "tiny-llama")
     model = load_model(str(tmp_path / "tiny-llama"), task="causal-lm")
     peft_model = attach_lora(model, LoraSettings(r=2, target_modules=["q_proj", "v_proj"]), task="causal-lm")

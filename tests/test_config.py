@@ -15,8 +15,16 @@ def test_default_toml_spells_out_the_dataclass_defaults():
 def test_overrides_are_typed_and_dotted_keys_reach_sections(tmp_path):
     config = RunConfig.from_toml(
         REPO / "simulations" / "default.toml",
-        ["num-rounds=7", "lora.r=4", "lora.target-modules=query,key", "train.lr=1e-3", "data.dirichlet-alpha=0.1",
-         "strategy=fedit", "dp.delta=1e-6", "lora.use-rslora=true"],
+        [
+            "num-rounds=7",
+            "lora.r=4",
+            "lora.target-modules=query,key",
+            "train.lr=1e-3",
+            "data.dirichlet-alpha=0.1",
+            "strategy=fedit",
+            "dp.delta=1e-6",
+            "lora.use-rslora=true",
+        ],
     )
     assert config.num_rounds == 7 and isinstance(config.num_rounds, int)
     assert config.lora.r == 4
@@ -28,8 +36,13 @@ def test_overrides_are_typed_and_dotted_keys_reach_sections(tmp_path):
 
 
 def test_flat_round_trip_through_flower_run_config():
-    config = RunConfig.from_flat({"num-clients": 3, "lora.target-modules": ["query", "value", "key"],
-                                  "data.label-proportions": [[0.9, 0.1], [0.1, 0.9]]})
+    config = RunConfig.from_flat(
+        {
+            "num-clients": 3,
+            "lora.target-modules": ["query", "value", "key"],
+            "data.label-proportions": [[0.9, 0.1], [0.1, 0.9]],
+        }
+    )
     flat = config.to_flat()
     assert all(isinstance(v, bool | int | float | str) for v in flat.values())
     assert RunConfig.from_flat(flat) == config

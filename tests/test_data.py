@@ -64,8 +64,9 @@ def test_partitioning_is_deterministic_given_the_seed(trec):
 
 def test_label_proportion_split_matches_ffa_pattern(data_dir):
     sst2 = load_task("sst2", str(data_dir), DataSettings(max_train_examples=4000))
-    settings = DataSettings(partitioner="label-proportion", label_proportions=[[0.1, 0.9], [0.9, 0.1], [0.5, 0.5]],
-                            validation_fraction=0.0)
+    settings = DataSettings(
+        partitioner="label-proportion", label_proportions=[[0.1, 0.9], [0.9, 0.1], [0.5, 0.5]], validation_fraction=0.0
+    )
     splits = partition(sst2.train, settings, 3, seed=0)
     sizes = {len(s.train) for s in splits}
     assert len(sizes) == 1  # equal client sizes
@@ -91,7 +92,7 @@ def test_dynamic_padding_pads_each_batch_to_its_longest_example(trec):
     widths = []
     for i, batch in enumerate(loader):
         widths.append(batch["input_ids"].shape[1])
-        assert widths[-1] == max(lengths[i * 8:(i + 1) * 8])
+        assert widths[-1] == max(lengths[i * 8 : (i + 1) * 8])
         assert set(batch) >= {"input_ids", "attention_mask", "labels"}
     assert len(set(widths)) > 1
 

@@ -70,17 +70,45 @@ def test_superlink_and_two_supernodes_run_two_rounds(tmp_path, data_dir):
 
     def start(name: str, *args: str) -> None:
         out = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        processes.append(subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, stdout=out,
-                                          stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True))
+        processes.append(
+            subprocess.Popen(
+                [str(BIN / args[0]), *args[1:]],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=tmp_path,
+                start_new_session=True,
+            )
+        )
 
     try:
-        start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-              "--database", str(tmp_path / "state.db"), "--host", "127.0.0.1", "--port", str(link_port))
+        start(
+            "superlink",
+            "flower-superlink",
+            "--insecure",
+            "--disable-runtime-dependency-installation",
+            "--database",
+            str(tmp_path / "state.db"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(link_port),
+        )
         _wait_for_port(link_port)
         for pid in range(2):
-            start(f"supernode{pid}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                  "--node-config", f"partition-id={pid} num-partitions=2", "--host", "127.0.0.1",
-                  "--port", str(_free_port()))
+            start(
+                f"supernode{pid}",
+                "flower-supernode",
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{link_port}",
+                "--node-config",
+                f"partition-id={pid} num-partitions=2",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(_free_port()),
+            )
         run_config = (
             f"num-clients=2 num-rounds=2 name='deployed' output-dir='{tmp_path / 'runs'}' data-dir='{data_dir}' "
             "data.max-train-examples=200 data.max-test-examples=64 data.max-length=32 train.local-steps=3 "
@@ -88,12 +116,22 @@ def test_superlink_and_two_supernodes_run_two_rounds(tmp_path, data_dir):
         )
         run = subprocess.run(
             [str(BIN / "flwr"), "run", str(REPO), "local-deployment", "--stream", "--run-config", run_config],
-            env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
         )
         assert run.returncode == 0, run.stdout + run.stderr
         # `flwr run --stream` exits 0 even when the run failed: ask the SuperLink for the run's status.
-        listing = subprocess.run([str(BIN / "flwr"), "list", "local-deployment", "--format", "json"], env=env,
-                                 capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        listing = subprocess.run(
+            [str(BIN / "flwr"), "list", "local-deployment", "--format", "json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
         runs = json.loads(listing.stdout)["runs"]
         assert len(runs) == 1
         assert runs[0]["status"] == "finished:completed", runs[0]

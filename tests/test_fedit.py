@@ -11,8 +11,12 @@ from strategies.records import record_to_state, state_to_record
 def _random_clients(k=4, layers=("l0", "l1"), d_in=12, d_out=10, r=3, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return [
-        {name: LayerFactors(A=torch.randn(r, d_in, generator=generator), B=torch.randn(d_out, r, generator=generator))
-         for name in layers}
+        {
+            name: LayerFactors(
+                A=torch.randn(r, d_in, generator=generator), B=torch.randn(d_out, r, generator=generator)
+            )
+            for name in layers
+        }
         for _ in range(k)
     ]
 
@@ -35,8 +39,9 @@ def test_fedit_product_differs_from_the_average_product_by_the_cross_covariance(
     result = fedit.aggregate(clients, weights)["l0"]
     ideal = sum(w * c["l0"].B.double() @ c["l0"].A.double() for w, c in zip(weights, clients, strict=True))
     a_bar, b_bar = result.A.double(), result.B.double()
-    gap = sum(w * (c["l0"].B.double() - b_bar) @ (c["l0"].A.double() - a_bar)
-              for w, c in zip(weights, clients, strict=True))
+    gap = sum(
+        w * (c["l0"].B.double() - b_bar) @ (c["l0"].A.double() - a_bar) for w, c in zip(weights, clients, strict=True)
+    )
     torch.testing.assert_close(ideal - b_bar @ a_bar, gap, rtol=1e-5, atol=1e-5)
     assert gap.norm() > 0.1 * ideal.norm()  # independent clients: FedIT's bias is large
 
@@ -51,8 +56,12 @@ def test_client_weights():
 def _reply(state, num_examples, node):
     instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
     instruction.metadata.__dict__["_message_id"] = f"m{node}"
-    content = RecordDict({"arrays": state_to_record(state),
-                          "metrics": MetricRecord({"num-examples": num_examples, "train-loss": float(node)})})
+    content = RecordDict(
+        {
+            "arrays": state_to_record(state),
+            "metrics": MetricRecord({"num-examples": num_examples, "train-loss": float(node)}),
+        }
+    )
     return Message(content, reply_to=instruction)
 
 
@@ -73,7 +82,9 @@ def test_flower_strategy_weights_by_examples_and_averages_the_head():
         state["classifier.weight"] = torch.full((2, 4), float(k))
         states.append(state)
     strategy = LoRAStrategy(fedit.aggregate)
-    arrays, metrics = strategy.aggregate_train(1, [_reply(s, n, i + 1) for i, (s, n) in enumerate(zip(states, [10, 20, 70], strict=True))])
+    arrays, metrics = strategy.aggregate_train(
+        1, [_reply(s, n, i + 1) for i, (s, n) in enumerate(zip(states, [10, 20, 70], strict=True))]
+    )
     merged = record_to_state(arrays)
     weights = [0.1, 0.2, 0.7]
     expected_a = sum(w * c["l1"].A for w, c in zip(weights, clients, strict=True))
@@ -81,5 +92,7 @@ def test_flower_strategy_weights_by_examples_and_averages_the_head():
     torch.testing.assert_close(merged["classifier.weight"], torch.full((2, 4), 0.2 + 1.4))
     assert metrics["train-loss"] == pytest.approx(0.1 * 1 + 0.2 * 2 + 0.7 * 3)
     uniform = LoRAStrategy(fedit.aggregate, weighting="uniform")
-    arrays, _ = uniform.aggregate_train(1, [_reply(s, n, i + 1) for i, (s, n) in enumerate(zip(states, [10, 20, 70], strict=True))])
+    arrays, _ = uniform.aggregate_train(
+        1, [_reply(s, n, i + 1) for i, (s, n) in enumerate(zip(states, [10, 20, 70], strict=True))]
+    )
     torch.testing.assert_close(record_to_state(arrays)["classifier.weight"], torch.full((2, 4), 1.0))

@@ -17,8 +17,16 @@ def _check_run_dir(run_dir, rounds):
     rows = read_metrics(run_dir)
     assert [row["round"] for row in rows] == list(range(1, rounds + 1))
     for row in rows:
-        for key in ("train_loss", "test_loss", "test_accuracy", "test_f1", "bytes_down", "bytes_up", "wall_time",
-                    "client_eval_accuracy"):
+        for key in (
+            "train_loss",
+            "test_loss",
+            "test_accuracy",
+            "test_f1",
+            "bytes_down",
+            "bytes_up",
+            "wall_time",
+            "client_eval_accuracy",
+        ):
             assert row[key] is not None, key
         assert row["bytes_down"] > 0 and row["bytes_up"] > 0
     assert (run_dir / "config.toml").is_file()
