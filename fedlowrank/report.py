@@ -72,6 +72,7 @@ def plot_run(run_dir: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = read_metrics(run_dir)
     present = [(key, label) for key, label in PLOTTED if any(row.get(key) is not None for row in rows)]
@@ -82,6 +83,7 @@ def plot_run(run_dir: str | Path) -> Path:
         axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
     for axis, title in zip(axes, ("loss", "accuracy / F1"), strict=True):
         axis.set_xlabel("round")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_title(title)
         axis.grid(alpha=0.3)
         if axis.lines:

@@ -109,8 +109,8 @@ def build_workspace(config: RunConfig) -> Workspace:
     task = load_task(config.dataset, config.resolved_data_dir(), config.data, seed=config.seed)
     tokenizer = load_tokenizer(config.model)
     device = pick_device(config.device)
+    torch.manual_seed(config.seed)  # the new head and the adapter initialisation are functions of the seed
     model = load_model(config.model, config.task, task.num_labels, task.label_names, device=device)
-    torch.manual_seed(config.seed)  # the global adapter initialisation is a function of the seed
     peft_model = attach_lora(model, config.lora, config.task)
     return Workspace(
         config=config,
