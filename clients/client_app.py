@@ -1,25 +1,60 @@
-"""The fedlowrank ClientApp (Flower Message API): local LoRA training and evaluation.
+"""The fedlowrank ClientApp (Flower Message API): local LoRA training and evaluation for every method.
 
 The model, tokenizer and this node's data partition are loaded once per process (``get_workspace``);
-each message only swaps adapter tensors in. Replies carry fp32 arrays and a ``num-examples`` weight.
+each message only swaps adapter tensors in. The server's config flags say what to train (A, B, head),
+what to upload, and whether B (and the head) are this client's own (FedSA-LoRA), kept between rounds in
+the client's state: Flower's ``Context.state`` or, for many simulated clients, a disk store.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlowrank.adapters import adapter_state, load_adapter_state
+from fedlowrank.adapters import adapter_state, extra_keys, factor_state, load_adapter_state, lora_factors, set_trainable
 from fedlowrank.config import ConfigError, RunConfig
+from fedlowrank.metrics import personalization_gap
 from fedlowrank.runtime import Workspace, get_workspace
+from fedlowrank.state import ClientStateStore, DiskStateStore
 from fedlowrank.training import evaluate, train_local
+from strategies.common import a_checksum
 from strategies.records import record_to_state, state_to_record
+
+LOCAL_ADAPTER = "local-adapter"  # FedSA: this client's own B (and head)
+LAST_TRAINED_A = "last-trained-a"  # FedSA: the A this client trained last, for the personalisation gap
+DISK_STATE_ABOVE = 256  # "auto" keeps state in Context.state up to this many clients
+
+
+class ContextStateStore:
+    """Client state in Flower's ``Context.state`` (persists across rounds in simulation and on a SuperNode)."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+
+    def load(self, client: str, name: str) -> dict[str, torch.Tensor] | None:
+        record = self.context.state.array_records.get(f"fedlowrank.{name}")
+        return None if record is None else record_to_state(record)
+
+    def save(self, client: str, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.context.state[f"fedlowrank.{name}"] = state_to_record(tensors)
 
 
 def resolve_config(context: Context, bound: RunConfig | None) -> RunConfig:
     return bound if bound is not None else RunConfig.from_flat(dict(context.run_config))
+
+
+def state_store(config: RunConfig, context: Context) -> ClientStateStore:
+    kind = config.method.client_state
+    if kind == "auto":
+        kind = "disk" if config.num_clients > DISK_STATE_ABOVE else "context"
+    if kind == "disk":
+        root = config.method.client_state_dir or str(Path(config.output_dir) / config.name / "client-state")
+        return DiskStateStore(root)
+    return ContextStateStore(context)
 
 
 def partition_id(context: Context, config: RunConfig) -> int:
@@ -36,14 +71,42 @@ def partition_id(context: Context, config: RunConfig) -> int:
     return pid
 
 
-def load_global_adapter(workspace: Workspace, message: Message) -> None:
-    """Start from the run's initial adapter, then apply whatever the server sent."""
-    load_adapter_state(workspace.model, workspace.initial_state)
-    load_adapter_state(workspace.model, record_to_state(message.content["arrays"]), strict=False)
-
-
 def client_seed(config: RunConfig, server_round: int, pid: int) -> int:
     return config.seed * 1_000_003 + server_round * 10_007 + pid
+
+
+class ClientRound:
+    """One message's work on this node: the model set to the global adapter, plus this client's own parts."""
+
+    def __init__(self, message: Message, context: Context, bound: RunConfig | None) -> None:
+        self.message = message
+        self.config = resolve_config(context, bound)
+        self.workspace: Workspace = get_workspace(self.config)
+        self.pid = partition_id(context, self.config)
+        self.flags = dict(message.content["config"])
+        self.store = state_store(self.config, context)
+        self.client_key = str(self.pid)
+        self.workspace.load_global(record_to_state(message.content["arrays"]))
+        if self.flags.get("local-b"):
+            own = self.store.load(self.client_key, LOCAL_ADAPTER)
+            if own is not None:  # first participation: B = 0 (and the initial head) from the initial adapter
+                load_adapter_state(self.workspace.model, own, strict=False)
+
+    def local_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What stays on this client: its B, and its head when the head is local."""
+        kept = factor_state(lora_factors(state), with_a=False, with_b=True)
+        if self.flags.get("local-head"):
+            kept.update({key: state[key] for key in extra_keys(state)})
+        return kept
+
+    def upload(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        factors = lora_factors(state)
+        sent = factor_state(
+            factors, with_a=bool(self.flags.get("upload-a", True)), with_b=bool(self.flags.get("upload-b", True))
+        )
+        if self.flags.get("upload-head", True) and self.config.lora.train_head:
+            sent.update({key: state[key] for key in extra_keys(state)})
+        return sent
 
 
 def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
@@ -52,45 +115,76 @@ def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        config = resolve_config(context, bound_config)
-        workspace = get_workspace(config)
-        pid = partition_id(context, config)
-        server_round = int(message.content["config"]["server-round"])
-        load_global_adapter(workspace, message)
-        seed = client_seed(config, server_round, pid)
+        job = ClientRound(message, context, bound_config)
+        config, model = job.config, job.workspace.model
+        server_round = int(job.flags["server-round"])
+        set_trainable(
+            model,
+            lora_a=bool(job.flags.get("train-a", True)),
+            lora_b=bool(job.flags.get("train-b", True)),
+            head=config.lora.train_head,
+        )
+        seed = client_seed(config, server_round, job.pid)
         started = time.perf_counter()
         result = train_local(
-            workspace.model, workspace.client_train_loader(pid, seed), config.train, config.optimizer, seed=seed
+            model, job.workspace.client_train_loader(job.pid, seed), config.train, config.optimizer, seed=seed
         )
-        metrics = MetricRecord(
+        elapsed = time.perf_counter() - started
+        state = adapter_state(model)
+        set_trainable(model)
+        if job.flags.get("local-b"):
+            job.store.save(job.client_key, LOCAL_ADAPTER, job.local_keys(state))
+            job.store.save(job.client_key, LAST_TRAINED_A, factor_state(lora_factors(state), with_b=False))
+        content = RecordDict(
             {
-                "num-examples": result.dataset_size,
-                "train-loss": result.loss,
-                "num-steps": result.num_steps,
-                "train-time": time.perf_counter() - started,
+                "arrays": state_to_record(job.upload(state)),
+                "metrics": MetricRecord(
+                    {
+                        "num-examples": result.dataset_size,
+                        "train-loss": result.loss,
+                        "num-steps": result.num_steps,
+                        "train-time": elapsed,
+                    }
+                ),
             }
         )
-        arrays = state_to_record(adapter_state(workspace.model, trainable_only=True))
-        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message)
+        if job.flags.get("check-shared-a"):
+            content["client-info"] = ConfigRecord({"a-checksum": a_checksum(state)})
+        return Message(content, reply_to=message)
 
     @app.evaluate()
     def evaluate_on_validation(message: Message, context: Context) -> Message:
-        config = resolve_config(context, bound_config)
-        workspace = get_workspace(config)
-        pid = partition_id(context, config)
-        load_global_adapter(workspace, message)
-        result = evaluate(workspace.model, workspace.client_validation_loader(pid), workspace.task.num_labels)
-        metrics = MetricRecord(
-            {
-                "num-examples": result.num_examples,
-                "eval-loss": result.loss if result.num_examples else 0.0,
-                "eval-accuracy": result.accuracy if result.num_examples else 0.0,
-                "eval-f1": result.macro_f1 if result.num_examples else 0.0,
-            }
-        )
-        return Message(RecordDict({"metrics": metrics}), reply_to=message)
+        """The model this client would use (global, or with its own B for FedSA) on its validation split."""
+        job = ClientRound(message, context, bound_config)
+        workspace = job.workspace
+        result = evaluate(workspace.model, workspace.client_validation_loader(job.pid), workspace.task.num_labels)
+        values = {
+            "num-examples": result.num_examples,
+            "eval-loss": result.loss if result.num_examples else 0.0,
+            "eval-accuracy": result.accuracy if result.num_examples else 0.0,
+            "eval-f1": result.macro_f1 if result.num_examples else 0.0,
+        }
+        if job.flags.get("local-b"):
+            values["personalization-gap"] = _personalization_gap(job)
+        if job.flags.get("eval-global-test"):
+            test = evaluate(workspace.model, workspace.test_loader(), workspace.task.num_labels)
+            values.update({"test-accuracy": test.accuracy, "test-f1": test.macro_f1, "test-loss": test.loss})
+        return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=message)
 
     return app
+
+
+def _personalization_gap(job: ClientRound) -> float:
+    """Mean over layers of ‖B_k Ā − B_k A_k‖ / ‖B_k A_k‖ (0 before this client has trained)."""
+    own = job.store.load(job.client_key, LOCAL_ADAPTER)
+    trained_a = job.store.load(job.client_key, LAST_TRAINED_A)
+    if own is None or trained_a is None:
+        return 0.0
+    current = lora_factors(adapter_state(job.workspace.model))
+    b_parts = lora_factors(own, fill_from=current)
+    a_parts = lora_factors(trained_a, fill_from=current)
+    gaps = [personalization_gap(b_parts[layer].B, current[layer].A, a_parts[layer].A) for layer in current]
+    return float(sum(gaps) / len(gaps))
 
 
 app = make_client_app()

@@ -133,8 +133,14 @@ def layer_name(key: str) -> str | None:
     return None
 
 
-def lora_factors(state: dict[str, torch.Tensor]) -> dict[str, LayerFactors]:
-    """Pair A and B per adapted layer. Both must be present for every layer."""
+def lora_factors(
+    state: dict[str, torch.Tensor], fill_from: dict[str, LayerFactors] | None = None
+) -> dict[str, LayerFactors]:
+    """Pair A and B per adapted layer.
+
+    A factor missing from ``state`` (a method that uploads only A or only B) is taken from ``fill_from``;
+    without it, both must be present for every layer.
+    """
     a_parts: dict[str, torch.Tensor] = {}
     b_parts: dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -142,6 +148,10 @@ def lora_factors(state: dict[str, torch.Tensor]) -> dict[str, LayerFactors]:
         if layer is None or not key.endswith(".weight"):
             continue
         (a_parts if f".{LORA_A}." in key else b_parts)[layer] = value
+    if fill_from is not None:
+        for layer in set(a_parts) | set(b_parts):
+            a_parts.setdefault(layer, fill_from[layer].A)
+            b_parts.setdefault(layer, fill_from[layer].B)
     if set(a_parts) != set(b_parts):
         raise KeyError(f"unpaired LoRA factors for layers {sorted(set(a_parts) ^ set(b_parts))[:5]}")
     return {layer: LayerFactors(A=a_parts[layer], B=b_parts[layer]) for layer in sorted(a_parts)}
@@ -152,8 +162,70 @@ def factor_keys(layer: str) -> tuple[str, str]:
 
 
 def extra_keys(state: dict[str, torch.Tensor]) -> list[str]:
-    """Adapter-state keys that are not LoRA factors (a trained head, for example)."""
-    return sorted(k for k in state if layer_name(k) is None)
+    """Adapter-state keys that are not LoRA factors or residuals (a trained head, for example)."""
+    return sorted(k for k in state if layer_name(k) is None and not k.endswith(RESIDUAL_SUFFIX))
+
+
+def factor_state(factors: dict[str, LayerFactors], with_a: bool = True, with_b: bool = True) -> dict[str, torch.Tensor]:
+    """``{layer: (A, B)}`` back to peft state keys."""
+    state: dict[str, torch.Tensor] = {}
+    for layer, pair in factors.items():
+        key_a, key_b = factor_keys(layer)
+        if with_a:
+            state[key_a] = pair.A
+        if with_b:
+            state[key_b] = pair.B
+    return state
+
+
+# ---- the frozen weight: residuals folded in by FedEx-LoRA and FLoRA ---------------------------------
+# A residual travels as "<layer>.residual": ΔW = s·R in the layer's product orientation (d_out x d_in).
+RESIDUAL_SUFFIX = ".residual"
+
+
+def split_residuals(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Separate ``<layer>.residual`` entries (by layer) from adapter-state entries."""
+    residuals = {k[: -len(RESIDUAL_SUFFIX)]: v for k, v in state.items() if k.endswith(RESIDUAL_SUFFIX)}
+    rest = {k: v for k, v in state.items() if not k.endswith(RESIDUAL_SUFFIX)}
+    return rest, residuals
+
+
+def lora_scale(settings: LoraSettings) -> float:
+    """s = α/r, or α/√r with rsLoRA."""
+    return settings.alpha / (settings.r**0.5 if settings.use_rslora else settings.r)
+
+
+def _lora_layer(model: PeftModel, layer: str) -> torch.nn.Module:
+    module = model.get_submodule(layer)
+    if not hasattr(module, "base_layer"):
+        raise KeyError(f"{layer} is not a LoRA layer")
+    return module
+
+
+def base_weights(model: PeftModel) -> dict[str, torch.Tensor]:
+    """Copies of the frozen weights under every LoRA layer (to restore before applying residuals)."""
+    layers = sorted({layer_name(k) for k in get_peft_model_state_dict(model) if layer_name(k)})
+    return {layer: _lora_layer(model, layer).base_layer.weight.detach().clone() for layer in layers}
+
+
+def set_base_residuals(
+    model: PeftModel, originals: dict[str, torch.Tensor], residuals: dict[str, torch.Tensor]
+) -> None:
+    """W0 ← W0_original + ΔW for every layer in ``residuals``, W0_original elsewhere.
+
+    ΔW is in product orientation (d_out x d_in); layers that store the weight transposed (GPT-2's
+    Conv1D, peft's ``fan_in_fan_out``) get ΔWᵀ, the orientation FedEx-LoRA's official code gets wrong.
+    """
+    with torch.no_grad():
+        for layer, original in originals.items():
+            module = _lora_layer(model, layer)
+            weight = module.base_layer.weight
+            weight.copy_(original)
+            if layer in residuals:
+                delta = residuals[layer].to(weight.device, weight.dtype)
+                if getattr(module, "fan_in_fan_out", False):
+                    delta = delta.T
+                weight.add_(delta)
 
 
 # ---- freezing and counting ------------------------------------------------------------------------

@@ -69,6 +69,26 @@ class TrainSettings:
 
 
 @dataclass
+class MethodSettings:
+    """Options of the individual aggregation methods (ignored by the others)."""
+
+    # FedSA-LoRA: keep the classifier head local too (the paper's GLUE setting), not only B.
+    fedsa_local_head: bool = True
+    # Where per-client state lives: "auto" (Flower Context.state, or disk beyond 256 clients),
+    # "context" or "disk".
+    client_state: str = "auto"
+    # Folder for the disk store (default: <output-dir>/<name>/client-state).
+    client_state_dir: str = ""
+    # FedSVD: re-factorize B̄·A every this many rounds (0: never, i.e. FFA-LoRA with a broadcast A).
+    fedsvd_period: int = 1
+    # LoRA-FAIR: "closed-form" (ridge) or "iterative" (the paper's cosine objective, Adam on ΔB).
+    fair_solver: str = "closed-form"
+    fair_lambda: float = 0.01
+    fair_iterations: int = 300
+    fair_lr: float = 0.01
+
+
+@dataclass
 class DPSettings:
     """Sample-level DP-SGD (issue 4). Parsed here so runs can record it; not yet executable."""
 
@@ -103,6 +123,7 @@ class RunConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    method: MethodSettings = field(default_factory=MethodSettings)
     dp: DPSettings = field(default_factory=DPSettings)
 
     # ---- construction -------------------------------------------------------------------------
@@ -177,6 +198,16 @@ class RunConfig:
             "set train.local-steps or train.local-epochs > 0",
         )
         need(self.server_eval_every >= 1, "server-eval-every must be >= 1")
+        need(
+            self.method.client_state in ("auto", "context", "disk"),
+            f"method.client-state must be 'auto', 'context' or 'disk', got {self.method.client_state!r}",
+        )
+        need(self.method.fedsvd_period >= 0, "method.fedsvd-period must be >= 0")
+        need(
+            self.method.fair_solver in ("closed-form", "iterative"),
+            f"method.fair-solver must be 'closed-form' or 'iterative', got {self.method.fair_solver!r}",
+        )
+        need(self.method.fair_lambda >= 0, "method.fair-lambda must be >= 0")
         if self.dp.epsilon:
             raise ConfigError(
                 "dp.epsilon is set, but sample-level DP-SGD is not implemented yet in this version "

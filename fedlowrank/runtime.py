@@ -16,7 +16,14 @@ from peft import PeftModel
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from fedlowrank.adapters import adapter_state, attach_lora
+from fedlowrank.adapters import (
+    adapter_state,
+    attach_lora,
+    base_weights,
+    load_adapter_state,
+    set_base_residuals,
+    split_residuals,
+)
 from fedlowrank.config import ConfigError, RunConfig
 from fedlowrank.data import ClientSplit, DataError, TaskData, load_task, make_loader, partition, tokenize
 from fedlowrank.models import load_model, load_tokenizer, pick_device
@@ -31,7 +38,16 @@ class Workspace:
     device: torch.device
     # The adapter right after initialisation (seeded): the global starting point of a run.
     initial_state: dict[str, torch.Tensor]
+    # The frozen weights under the LoRA layers, to restore before applying a folded residual.
+    base_weights: dict[str, torch.Tensor]
     _tokenized: dict[tuple[str, int], Dataset] = field(default_factory=dict)
+
+    def load_global(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the model to the initial adapter overwritten by ``state`` (adapter keys and residuals)."""
+        adapter, residuals = split_residuals(state)
+        load_adapter_state(self.model, self.initial_state)
+        load_adapter_state(self.model, adapter, strict=False)
+        set_base_residuals(self.model, self.base_weights, residuals)
 
     @cached_property
     def client_splits(self) -> list[ClientSplit]:
@@ -119,4 +135,5 @@ def build_workspace(config: RunConfig) -> Workspace:
         task=task,
         device=device,
         initial_state=adapter_state(peft_model),
+        base_weights=base_weights(peft_model),
     )

@@ -1,72 +1,172 @@
-"""``LoRAStrategy``: the Flower shell around a pure per-layer aggregation function.
+"""``LoRAStrategy``: the Flower shell around a method's pure server math.
 
-A method supplies ``aggregate(client_factors, weights) -> {layer: LayerFactors}``; this class turns Flower
-replies into ``{layer: (A, B)}`` factors, weights the clients, averages non-LoRA trainables (the head)
-and turns the result back into the global ``ArrayRecord``.
+A method is two things (one file each in ``strategies/``):
+- a ``MethodSpec``: what clients train, what goes up, what comes down, what stays on the client;
+- ``server_update(RoundInput) -> ServerUpdate``: pure tensor math on ``{layer: LayerFactors(A, B)}``.
+
+This class does the rest: it tells clients what to train, turns replies into factors (filling in the
+factor a method does not upload from the global one), weights clients, averages the shared head, keeps
+the global adapter and whatever was folded into the frozen weight, records the aggregation bias, and
+builds the broadcast.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import logging
+from collections.abc import Iterable
+from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedlowrank.adapters import LayerFactors, extra_keys, factor_keys, lora_factors
-from strategies.fedit import weighted_average
+from fedlowrank.adapters import RESIDUAL_SUFFIX, LayerFactors, extra_keys, factor_state, lora_factors
+from fedlowrank.metrics import layer_bias, product, summarize
+from strategies.common import (
+    MethodSpec,
+    RoundInput,
+    ServerMath,
+    ServerUpdate,
+    a_checksum,
+    client_weights,
+    weighted_average,
+)
 from strategies.records import record_to_state, state_to_record
 
-AggregateFn = Callable[[Sequence[dict[str, LayerFactors]], torch.Tensor], dict[str, LayerFactors]]
+log = logging.getLogger("fedlowrank")
 
 NUM_EXAMPLES = "num-examples"
+CLIENT_INFO = "client-info"
+A_CHECKSUM = "a-checksum"
 
-
-def client_weights(num_examples: Sequence[int | float], weighting: str = "num-examples") -> torch.Tensor:
-    """p_k = n_k / sum n ("num-examples") or 1/K ("uniform"), in float64."""
-    counts = torch.tensor([float(n) for n in num_examples], dtype=torch.float64)
-    if weighting == "uniform":
-        return torch.full_like(counts, 1.0 / len(counts))
-    if weighting != "num-examples":
-        raise ValueError(f"unknown weighting {weighting!r}")
-    if counts.sum() <= 0:
-        raise ValueError("all clients reported zero examples; cannot weight by example count")
-    return counts / counts.sum()
-
-
-def compose_state(factors: dict[str, LayerFactors], extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for layer, pair in factors.items():
-        key_a, key_b = factor_keys(layer)
-        state[key_a], state[key_b] = pair.A, pair.B
-    state.update(extras)
-    return state
+__all__ = ["LoRAStrategy", "MethodSpec", "RoundInput", "ServerUpdate", "client_weights", "weighted_average"]
 
 
 class LoRAStrategy(FedAvg):
-    """FedAvg's sampling and message plumbing with a LoRA-aware aggregation step."""
+    """FedAvg's node sampling and message plumbing around a method's server math."""
 
-    method_name = "lora"
-
-    def __init__(self, aggregate_fn: AggregateFn, weighting: str = "num-examples", **fedavg_kwargs) -> None:
+    def __init__(
+        self,
+        spec: MethodSpec,
+        server_math: ServerMath,
+        initial_state: dict[str, torch.Tensor],
+        scale: float,
+        weighting: str = "num-examples",
+        local_head: bool = False,
+        **fedavg_kwargs: Any,
+    ) -> None:
         super().__init__(weighted_by_key=NUM_EXAMPLES, **fedavg_kwargs)
-        self.aggregate_fn = aggregate_fn
+        self.spec = spec
+        self.server_math = server_math
+        self.scale = scale
         self.weighting = weighting
+        self.local_head = local_head and spec.local_b
+        self.global_state = {k: v.clone() for k, v in initial_state.items()}
+        self.folded: dict[str, torch.Tensor] = {}  # Σ of folded products per layer, float64
+        self.round_info: dict[str, Any] = {}
 
+    # ---- what goes down ------------------------------------------------------------------------
+    def global_factors(self) -> dict[str, LayerFactors]:
+        return lora_factors(self.global_state)
+
+    def global_model_state(self) -> dict[str, torch.Tensor]:
+        """The full global adapter plus residual entries: what the server evaluates."""
+        state = dict(self.global_state)
+        state.update(self._residual_entries())
+        return state
+
+    def _residual_entries(self) -> dict[str, torch.Tensor]:
+        return {f"{layer}{RESIDUAL_SUFFIX}": (self.scale * m).float() for layer, m in self.folded.items()}
+
+    def broadcast_record(self) -> ArrayRecord:
+        state = factor_state(self.global_factors(), with_a=self.spec.download_a, with_b=self.spec.download_b)
+        if not self.local_head:
+            state.update({key: self.global_state[key] for key in extra_keys(self.global_state)})
+        state.update(self._residual_entries())
+        return state_to_record(state)
+
+    def client_flags(self) -> dict[str, bool]:
+        return {
+            "train-a": self.spec.train_a,
+            "train-b": self.spec.train_b,
+            "upload-a": self.spec.upload_a,
+            "upload-b": self.spec.upload_b,
+            "upload-head": not self.local_head,
+            "local-b": self.spec.local_b,
+            "local-head": self.local_head,
+            "check-shared-a": self.spec.check_shared_a,
+        }
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return super().configure_train(server_round, arrays, ConfigRecord({**config, **self.client_flags()}), grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return super().configure_evaluate(server_round, arrays, ConfigRecord({**config, **self.client_flags()}), grid)
+
+    # ---- what comes up ---------------------------------------------------------------------------
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, _errors = self._check_and_log_replies(list(replies), is_train=True)
+        rejected = 0
+        if self.spec.check_shared_a and valid:
+            expected = a_checksum(self.global_state)
+            accepted = [msg for msg in valid if _client_info(msg).get(A_CHECKSUM) == expected]
+            rejected = len(valid) - len(accepted)
+            if rejected:
+                log.warning(
+                    "round %d: rejected %d client(s) whose frozen A differs from the shared A", server_round, rejected
+                )
+            valid = accepted
+        self.round_info = {"clients_rejected": rejected}
         if not valid:
             return None, None
         contents = [msg.content for msg in valid]
         states = [record_to_state(content[self.arrayrecord_key]) for content in contents]
-        counts = [_metric(content, NUM_EXAMPLES) for content in contents]
-        weights = client_weights(counts, self.weighting)
-        factors = self.aggregate_fn([lora_factors(state) for state in states], weights)
-        extras = {key: weighted_average([s[key] for s in states], weights) for key in extra_keys(states[0])}
+        weights = client_weights([_metric(content, NUM_EXAMPLES) for content in contents], self.weighting)
+        previous = self.global_factors()
+        clients = [lora_factors(state, fill_from=previous) for state in states]
+        update = self.server_math(RoundInput(clients, weights, previous, server_round))
+
+        if not self.spec.local_b:  # FedSA has no global product: its clients report a personalisation gap
+            self.round_info.update(self._bias(clients, weights, previous, update))
+        self.global_state.update(factor_state(update.factors))
+        if not self.local_head:
+            for key in extra_keys(states[0]):
+                self.global_state[key] = weighted_average([state[key] for state in states], weights)
+        for layer, fold in update.fold.items():
+            self.folded[layer] = self.folded.get(layer, 0) + fold.to(torch.float64)
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-        return state_to_record(compose_state(factors, extras)), metrics
+        return self.broadcast_record(), metrics
+
+    def _bias(
+        self,
+        clients: list[dict[str, LayerFactors]],
+        weights: torch.Tensor,
+        previous: dict[str, LayerFactors],
+        update: ServerUpdate,
+    ) -> dict[str, Any]:
+        per_layer, per_layer_round = {}, {}
+        for layer, new in update.factors.items():
+            broadcast = product(new)
+            if layer in update.fold:
+                broadcast = broadcast + update.fold[layer].to(torch.float64)
+            bias = layer_bias([client[layer] for client in clients], weights, broadcast, product(previous[layer]))
+            per_layer[layer], per_layer_round[layer] = bias.bias_rel, bias.bias_round_rel
+        summary, summary_round = summarize(per_layer), summarize(per_layer_round)
+        return {
+            "bias_rel_mean": summary["mean"],
+            "bias_rel_max": summary["max"],
+            "bias_round_rel_mean": summary_round["mean"],
+            "bias_round_rel_max": summary_round["max"],
+            "bias_rel_per_layer": per_layer,
+            "bias_round_rel_per_layer": per_layer_round,
+        }
 
 
 def _metric(content, key: str) -> float:
@@ -74,3 +174,8 @@ def _metric(content, key: str) -> float:
         if key in record:
             return float(record[key])
     raise KeyError(f"reply has no metric {key!r}")
+
+
+def _client_info(message: Message) -> dict[str, Any]:
+    record = message.content.config_records.get(CLIENT_INFO)
+    return dict(record) if record is not None else {}

@@ -13,22 +13,23 @@ from collections.abc import Sequence
 import torch
 
 from fedlowrank.adapters import LayerFactors
+from strategies.common import MethodSpec, RoundInput, ServerUpdate, weighted_average
+
+SPEC = MethodSpec(name="fedit")
 
 
-def weighted_average(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """sum_k w_k T_k, accumulated in float64 and returned in the inputs' dtype."""
-    stacked = torch.stack([t.to(torch.float64) for t in tensors])
-    shape = (-1,) + (1,) * (stacked.dim() - 1)
-    return (weights.to(torch.float64).view(shape) * stacked).sum(dim=0).to(tensors[0].dtype)
-
-
-def aggregate(client_factors: Sequence[dict[str, LayerFactors]], weights: torch.Tensor) -> dict[str, LayerFactors]:
-    """FedIT: per layer, Ā = sum_k p_k A_k and B̄ = sum_k p_k B_k (weights sum to one)."""
-    layers = client_factors[0].keys()
+def average_factors(
+    client_factors: Sequence[dict[str, LayerFactors]], weights: torch.Tensor
+) -> dict[str, LayerFactors]:
+    """Per layer, Ā = sum_k p_k A_k and B̄ = sum_k p_k B_k (weights sum to one)."""
     return {
         layer: LayerFactors(
             A=weighted_average([client[layer].A for client in client_factors], weights),
             B=weighted_average([client[layer].B for client in client_factors], weights),
         )
-        for layer in layers
+        for layer in client_factors[0]
     }
+
+
+def server_update(inputs: RoundInput) -> ServerUpdate:
+    return ServerUpdate(factors=average_factors(inputs.clients, inputs.weights))

@@ -1,26 +1,55 @@
-"""Strategy names accepted by ``strategy = ...`` and the factory that builds each one."""
+"""Strategy names accepted by ``strategy = ...``: each is a ``MethodSpec`` plus its server math."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from functools import partial
 
+import torch
+
+from fedlowrank.adapters import lora_scale
 from fedlowrank.config import ConfigError, RunConfig
-from strategies import fedit
+from strategies import fedex, fedit, fedsa, fedsvd, ffa, flexlora, flora, lora_fair
 from strategies.base import LoRAStrategy
+from strategies.common import MethodSpec, ServerMath
 
 
-def _fedit(config: RunConfig) -> LoRAStrategy:
-    return LoRAStrategy(fedit.aggregate, weighting=config.weighting, **sampling_kwargs(config))
+def _methods(config: RunConfig) -> dict[str, tuple[MethodSpec, ServerMath]]:
+    options = config.method
+    return {
+        "fedit": (fedit.SPEC, fedit.server_update),
+        "fedsa": (fedsa.SPEC, fedsa.server_update),
+        "ffa": (ffa.SPEC, ffa.server_update),
+        "fedsvd": (fedsvd.SPEC, partial(fedsvd.server_update, period=options.fedsvd_period)),
+        "lora-fair": (
+            lora_fair.SPEC,
+            partial(
+                lora_fair.server_update,
+                solver=options.fair_solver,
+                lam=options.fair_lambda,
+                iterations=options.fair_iterations,
+                lr=options.fair_lr,
+            ),
+        ),
+        "fedex": (fedex.SPEC, fedex.server_update),
+        "flora": (flora.SPEC, partial(flora.server_update, seed=config.seed)),
+        "flexlora": (flexlora.SPEC, flexlora.server_update),
+    }
 
 
-STRATEGIES: dict[str, Callable[[RunConfig], LoRAStrategy]] = {
-    "fedit": _fedit,
+STRATEGY_NAMES = ("fedit", "fedsa", "ffa", "fedsvd", "lora-fair", "fedex", "flora", "flexlora")
+ALIASES = {
+    "fedavg": "fedit",
+    "fedavg-lora": "fedit",
+    "fedsa-lora": "fedsa",
+    "ffa-lora": "ffa",
+    "fair": "lora-fair",
+    "lorafair": "lora-fair",
+    "fedex-lora": "fedex",
 }
-ALIASES = {"fedavg": "fedit", "fedavg-lora": "fedit"}
 
 
 def sampling_kwargs(config: RunConfig) -> dict:
-    """FedAvg's sampling: fractions of the connected nodes, never fewer than one (or all, if fewer)."""
+    """FedAvg's sampling: fractions of the connected nodes, never fewer than one."""
     train_nodes = max(1, int(config.num_clients * config.fraction_train))
     eval_nodes = max(1, int(config.num_clients * config.fraction_evaluate)) if config.fraction_evaluate else 0
     return {
@@ -34,10 +63,23 @@ def sampling_kwargs(config: RunConfig) -> dict:
 
 def canonical_name(name: str) -> str:
     name = ALIASES.get(name.lower(), name.lower())
-    if name not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {name!r}; available: {', '.join(sorted(STRATEGIES) + sorted(ALIASES))}")
+    if name not in STRATEGY_NAMES:
+        raise ConfigError(f"unknown strategy {name!r}; available: {', '.join(STRATEGY_NAMES + tuple(ALIASES))}")
     return name
 
 
-def build_strategy(config: RunConfig) -> LoRAStrategy:
-    return STRATEGIES[canonical_name(config.strategy)](config)
+def method_spec(config: RunConfig) -> MethodSpec:
+    return _methods(config)[canonical_name(config.strategy)][0]
+
+
+def build_strategy(config: RunConfig, initial_state: dict[str, torch.Tensor]) -> LoRAStrategy:
+    spec, server_math = _methods(config)[canonical_name(config.strategy)]
+    return LoRAStrategy(
+        spec,
+        server_math,
+        initial_state=initial_state,
+        scale=lora_scale(config.lora),
+        weighting=config.weighting,
+        local_head=config.method.fedsa_local_head and config.lora.train_head,
+        **sampling_kwargs(config),
+    )

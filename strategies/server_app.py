@@ -12,14 +12,14 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from fedlowrank.adapters import count_parameters, load_adapter_state
+from fedlowrank.adapters import count_parameters
 from fedlowrank.config import RunConfig
 from fedlowrank.progress import Reporter
 from fedlowrank.report import RunRecorder, plot_run, read_metrics
 from fedlowrank.runtime import Workspace, get_workspace
 from fedlowrank.training import evaluate
 from strategies.base import LoRAStrategy
-from strategies.records import record_bytes, record_to_state, state_to_record
+from strategies.records import record_bytes
 from strategies.registry import build_strategy, canonical_name
 
 
@@ -36,22 +36,31 @@ def _reply_arrays(reply: Message) -> ArrayRecord | None:
     return next(iter(reply.content.array_records.values()), None)
 
 
-def evaluate_global(workspace: Workspace, arrays: ArrayRecord) -> dict[str, float]:
-    """The global adapter on the global test set."""
-    load_adapter_state(workspace.model, workspace.initial_state)
-    load_adapter_state(workspace.model, record_to_state(arrays), strict=False)
+def evaluate_global(workspace: Workspace, strategy: LoRAStrategy) -> dict[str, float]:
+    """The global model (adapter plus anything folded into the frozen weight) on the global test set."""
+    workspace.load_global(strategy.global_model_state())
     result = evaluate(workspace.model, workspace.test_loader(), workspace.task.num_labels)
     return result.as_dict("test_")
+
+
+PERSONALIZED_KEYS = {
+    "personalization-gap": "personalization_gap",
+    "test-accuracy": "test_accuracy",
+    "test-f1": "test_f1",
+    "test-loss": "test_loss",
+}
 
 
 def run_server(grid: Grid, config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     """Run ``config.num_rounds`` rounds of ``config.strategy`` over ``grid``; return the run summary."""
     reporter = reporter or Reporter()
-    strategy: LoRAStrategy = build_strategy(config)
+    canonical_name(config.strategy)
     workspace = get_workspace(config)
     _ = workspace.client_splits  # partition now: data errors surface before any training
+    strategy: LoRAStrategy = build_strategy(config, workspace.initial_state)
+    personalized = strategy.spec.local_b  # FedSA: no global model; clients evaluate their own
     recorder = RunRecorder.create(config)
-    arrays = state_to_record(workspace.initial_state)
+    arrays = strategy.broadcast_record()
     params = count_parameters(workspace.model)
 
     reporter.start(
@@ -80,15 +89,21 @@ def run_server(grid: Grid, config: RunConfig, reporter: Reporter | None = None) 
             "clients_failed": len(replies) - len(ok_replies) + (len(train_messages) - len(replies)),
             "train_loss": float(train_metrics["train-loss"]) if train_metrics else None,
         }
-        eval_messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        row.update(strategy.round_info)
+        last_round = server_round == config.num_rounds
+        eval_config = ConfigRecord({"eval-global-test": personalized and last_round})
+        eval_messages = list(strategy.configure_evaluate(server_round, arrays, eval_config, grid))
         if eval_messages:
             eval_metrics = strategy.aggregate_evaluate(server_round, list(grid.send_and_receive(eval_messages)))
             if eval_metrics:
                 row["client_eval_loss"] = float(eval_metrics["eval-loss"])
                 row["client_eval_accuracy"] = float(eval_metrics["eval-accuracy"])
                 row["client_eval_f1"] = float(eval_metrics["eval-f1"])
-        if server_round % config.server_eval_every == 0 or server_round == config.num_rounds:
-            row.update(evaluate_global(workspace, arrays))
+                row.update({PERSONALIZED_KEYS[k]: float(v) for k, v in eval_metrics.items() if k in PERSONALIZED_KEYS})
+        if personalized:
+            row["test_eval"] = "personalized-mean"  # each client's own model on the global test set, averaged
+        elif server_round % config.server_eval_every == 0 or last_round:
+            row.update(evaluate_global(workspace, strategy))
         total_down += bytes_down
         total_up += bytes_up
         row.update(
@@ -104,9 +119,18 @@ def run_server(grid: Grid, config: RunConfig, reporter: Reporter | None = None) 
         recorder.log(row)
         reporter.round_finished(row)
 
-    # The final global adapter, as a standard peft adapter folder.
-    load_adapter_state(workspace.model, workspace.initial_state)
-    load_adapter_state(workspace.model, record_to_state(arrays), strict=False)
+    # The final global adapter, as a standard peft adapter folder (for FedSA: Ā with the initial B;
+    # each client's own B stays in its client state).
+    workspace.load_global(strategy.global_model_state())
+    if strategy.folded:
+        # FedEx / FLoRA changed the frozen weights too: keep them beside the adapter.
+        from safetensors.torch import save_file
+
+        (recorder.run_dir / "adapter").mkdir(parents=True, exist_ok=True)
+        save_file(
+            {layer: (strategy.scale * m).float().contiguous() for layer, m in strategy.folded.items()},
+            str(recorder.run_dir / "adapter" / "base_residuals.safetensors"),
+        )
     adapter_dir = recorder.run_dir / "adapter"
     workspace.model.save_pretrained(adapter_dir)
     workspace.tokenizer.save_pretrained(adapter_dir)

@@ -24,7 +24,7 @@ def _random_clients(k=4, layers=("l0", "l1"), d_in=12, d_out=10, r=3, seed=0):
 def test_fedit_averages_each_factor_in_float64():
     clients = _random_clients()
     weights = client_weights([10, 30, 20, 40])
-    result = fedit.aggregate(clients, weights)
+    result = fedit.average_factors(clients, weights)
     w = weights.tolist()
     for layer in ("l0", "l1"):
         ref_a = sum(w[k] * clients[k][layer].A.double() for k in range(4))
@@ -36,7 +36,7 @@ def test_fedit_averages_each_factor_in_float64():
 def test_fedit_product_differs_from_the_average_product_by_the_cross_covariance():
     clients = _random_clients(seed=1)
     weights = client_weights([1, 2, 3, 4])
-    result = fedit.aggregate(clients, weights)["l0"]
+    result = fedit.average_factors(clients, weights)["l0"]
     ideal = sum(w * c["l0"].B.double() @ c["l0"].A.double() for w, c in zip(weights, clients, strict=True))
     a_bar, b_bar = result.A.double(), result.B.double()
     gap = sum(
@@ -81,7 +81,8 @@ def test_flower_strategy_weights_by_examples_and_averages_the_head():
             state[f"{layer}.lora_A.weight"], state[f"{layer}.lora_B.weight"] = pair.A, pair.B
         state["classifier.weight"] = torch.full((2, 4), float(k))
         states.append(state)
-    strategy = LoRAStrategy(fedit.aggregate)
+    initial = {k: torch.zeros_like(v) for k, v in states[0].items()}
+    strategy = LoRAStrategy(fedit.SPEC, fedit.server_update, initial, scale=2.0)
     arrays, metrics = strategy.aggregate_train(
         1, [_reply(s, n, i + 1) for i, (s, n) in enumerate(zip(states, [10, 20, 70], strict=True))]
     )
@@ -91,7 +92,7 @@ def test_flower_strategy_weights_by_examples_and_averages_the_head():
     torch.testing.assert_close(merged["l1.lora_A.weight"], expected_a, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(merged["classifier.weight"], torch.full((2, 4), 0.2 + 1.4))
     assert metrics["train-loss"] == pytest.approx(0.1 * 1 + 0.2 * 2 + 0.7 * 3)
-    uniform = LoRAStrategy(fedit.aggregate, weighting="uniform")
+    uniform = LoRAStrategy(fedit.SPEC, fedit.server_update, initial, scale=2.0, weighting="uniform")
     arrays, _ = uniform.aggregate_train(
         1, [_reply(s, n, i + 1) for i, (s, n) in enumerate(zip(states, [10, 20, 70], strict=True))]
     )

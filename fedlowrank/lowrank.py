@@ -1,0 +1,37 @@
+"""Exact linear algebra on low-rank products B·A without forming the dense d_out x d_in matrix."""
+
+from __future__ import annotations
+
+import torch
+
+
+def refactorize_product(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewrite M = B·A (B: d_out x r, A: r x d_in) as B_new·A_new with orthonormal rows in A_new.
+
+    Thin QR of both factors, then an r x r SVD of the core: B = Q_B R_B, Aᵀ = Q_A R_A,
+    R_B R_Aᵀ = U S Vᵀ  =>  M = (Q_B U S)(Q_A V)ᵀ, so B_new = Q_B U S and A_new = (Q_A V)ᵀ.
+    Cost O((d_in + d_out) r²) instead of a dense SVD. All of S goes to B (FedSVD's convention).
+    Computed in float64, returned in the inputs' dtype.
+    """
+    dtype = B.dtype
+    q_b, r_b = torch.linalg.qr(B.to(torch.float64))
+    q_a, r_a = torch.linalg.qr(A.to(torch.float64).T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    B_new = (q_b @ u) * s
+    A_new = (q_a @ vh.T).T
+    return B_new.to(dtype), A_new.to(dtype)
+
+
+def truncated_svd_of_sum(
+    products: list[tuple[torch.Tensor, torch.Tensor]], weights: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors (B, A) of M = Σ_k w_k B_k A_k, through the stacked factors.
+
+    Σ_k w_k B_k A_k = [B_1 … B_K]·[w_1 A_1; …; w_K A_K] is a product of rank ≤ Σ r_k, so the exact
+    refactorization above gives its SVD without the dense matrix; the leading ``rank`` terms are kept.
+    """
+    stacked_b = torch.cat([b.to(torch.float64) for b, _ in products], dim=1)
+    stacked_a = torch.cat([w * a.to(torch.float64) for w, (_, a) in zip(weights, products, strict=True)], dim=0)
+    B_full, A_full = refactorize_product(stacked_b, stacked_a)
+    dtype = products[0][0].dtype
+    return B_full[:, :rank].to(dtype).contiguous(), A_full[:rank].to(dtype).contiguous()

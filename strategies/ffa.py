@@ -1,0 +1,25 @@
+"""FFA-LoRA (Sun et al., ICLR 2024): A random, frozen and identical on every client; B trained and averaged.
+
+A comes from the run seed (the same peft initialisation in every process); each client sends the
+SHA-256 of its A and the server drops any client whose A differs. B starts at zero. Since A is shared,
+B̄·A = Σ_k p_k B_k A exactly: no aggregation bias.
+"""
+
+from __future__ import annotations
+
+from fedlowrank.adapters import LayerFactors
+from strategies.common import MethodSpec, RoundInput, ServerUpdate, weighted_average
+
+SPEC = MethodSpec(name="ffa", train_a=False, upload_a=False, download_a=False, check_shared_a=True)
+
+
+def server_update(inputs: RoundInput) -> ServerUpdate:
+    """B̄ = Σ_k p_k B_k with the shared A unchanged."""
+    return ServerUpdate(
+        factors={
+            layer: LayerFactors(
+                A=previous.A, B=weighted_average([client[layer].B for client in inputs.clients], inputs.weights)
+            )
+            for layer, previous in inputs.previous.items()
+        }
+    )

@@ -1,0 +1,41 @@
+"""FLoRA (Wang et al., NeurIPS 2024): stack the clients' adapters, merge them into W0, start afresh.
+
+[B_1 … B_K]·[p_1 A_1; …; p_K A_K] = Σ_k p_k B_k A_k = M*, so merging the stack into the frozen weight
+(W0 ← W0 + s·M*) is exact. Every round the clients then get a fresh adapter: A re-drawn from the run seed
+and the round (peft's kaiming-uniform bound 1/√d_in), B = 0. Downlink: the merged residual plus the fresh
+A (B is zero). Ranks are homogeneous here (heterogeneous client ranks are not supported yet).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedlowrank.adapters import LayerFactors
+from strategies.common import MethodSpec, RoundInput, ServerUpdate
+
+
+def stack(clients: list[LayerFactors], weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B_stack, A_stack) = ([B_1 … B_K], [p_1 A_1; …; p_K A_K]), float64."""
+    b_stack = torch.cat([c.B.to(torch.float64) for c in clients], dim=1)
+    a_stack = torch.cat([float(w) * c.A.to(torch.float64) for w, c in zip(weights, clients, strict=True)], dim=0)
+    return b_stack, a_stack
+
+
+def fresh_a(shape: tuple[int, int], generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    bound = 1.0 / shape[1] ** 0.5
+    return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1).mul(bound).to(dtype)
+
+
+SPEC = MethodSpec(name="flora")
+
+
+def server_update(inputs: RoundInput, seed: int = 0) -> ServerUpdate:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + inputs.server_round)
+    factors, fold = {}, {}
+    for layer, previous in inputs.previous.items():
+        b_stack, a_stack = stack([client[layer] for client in inputs.clients], inputs.weights)
+        fold[layer] = b_stack @ a_stack
+        factors[layer] = LayerFactors(
+            A=fresh_a(tuple(previous.A.shape), generator, previous.A.dtype), B=torch.zeros_like(previous.B)
+        )
+    return ServerUpdate(factors=factors, fold=fold)

@@ -1,0 +1,108 @@
+"""LoRA-FAIR (Bian et al., ICCV 2025): average A and B, then correct B̄ towards the ideal product.
+
+Server, per layer: Ā, B̄ and M* = Σ_k p_k B_k A_k; a correction ΔB so that (B̄ + ΔB)·Ā is close to M*;
+broadcast Ā and B̄' = B̄ + ΔB. Two solvers:
+
+- ``iterative`` (the paper): ΔB* = argmin 1 − cos(M*, (B̄ + ΔB)Ā) + λ‖ΔB‖², Adam from ΔB = 0 on the
+  flattened cosine, stopping when the loss changes by < 1e-12 for 5 iterations;
+- ``closed-form`` (ridge): argmin ‖M* − B'Ā‖² + λ‖B' − B̄‖²  =>  B̄' = (M*Āᵀ + λB̄)(ĀĀᵀ + λI)⁻¹. Since B' = B̄
+  is feasible, its bias never exceeds FedIT's; ‖M*(I − P_Ā)‖ is irreducible by any B-only fix.
+
+Both use only r-sized matrices: M*Āᵀ = Σ_k p_k B_k (A_k Āᵀ), ‖BĀ‖² = ⟨BĀĀᵀ, B⟩, ‖M*‖ via the stacked
+factors, so the dense d_out x d_in product is never formed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedlowrank.adapters import LayerFactors
+from strategies.common import MethodSpec, RoundInput, ServerUpdate
+from strategies.fedit import average_factors
+
+SPEC = MethodSpec(name="lora-fair")
+
+
+def _low_rank_terms(clients: list[LayerFactors], weights: torch.Tensor, a_bar: torch.Tensor):
+    """(M*Āᵀ, ĀĀᵀ, ‖M*‖_F) in float64 without the dense M*."""
+    a_bar = a_bar.to(torch.float64)
+    target_at = sum(
+        float(w) * c.B.to(torch.float64) @ (c.A.to(torch.float64) @ a_bar.T)
+        for w, c in zip(weights, clients, strict=True)
+    )
+    b_stack = torch.cat([c.B.to(torch.float64) for c in clients], dim=1)
+    a_stack = torch.cat([float(w) * c.A.to(torch.float64) for w, c in zip(weights, clients, strict=True)], dim=0)
+    target_norm = torch.sqrt(((b_stack.T @ b_stack) * (a_stack @ a_stack.T)).sum().clamp(min=0))
+    return target_at, a_bar @ a_bar.T, target_norm
+
+
+def ridge_correction(
+    clients: list[LayerFactors], weights: torch.Tensor, a_bar: torch.Tensor, b_bar: torch.Tensor, lam: float
+) -> torch.Tensor:
+    """B̄' = (M*Āᵀ + λB̄)(ĀĀᵀ + λI)⁻¹, float64."""
+    target_at, gram, _ = _low_rank_terms(clients, weights, a_bar)
+    rhs = target_at + lam * b_bar.to(torch.float64)
+    system = gram + lam * torch.eye(gram.shape[0], dtype=torch.float64)
+    # B' · system = rhs  <=>  systemᵀ · B'ᵀ = rhsᵀ (system is symmetric)
+    return torch.linalg.solve(system, rhs.T).T
+
+
+def cosine_objective(
+    b: torch.Tensor,
+    b_bar: torch.Tensor,
+    target_at: torch.Tensor,
+    gram: torch.Tensor,
+    target_norm: torch.Tensor,
+    lam: float,
+) -> torch.Tensor:
+    """1 − cos(M*, BĀ) + λ‖B − B̄‖² with the inner products in low-rank form."""
+    inner = (b * target_at).sum()
+    norm = torch.sqrt(((b @ gram) * b).sum().clamp(min=1e-300))
+    return 1 - inner / (target_norm * norm) + lam * ((b - b_bar) ** 2).sum()
+
+
+def iterative_correction(
+    clients: list[LayerFactors],
+    weights: torch.Tensor,
+    a_bar: torch.Tensor,
+    b_bar: torch.Tensor,
+    lam: float,
+    iterations: int = 300,
+    lr: float = 0.01,
+) -> torch.Tensor:
+    """The paper's solver: Adam on ΔB from zero, flattened cosine plus λ‖ΔB‖²."""
+    target_at, gram, target_norm = _low_rank_terms(clients, weights, a_bar)
+    b_bar64 = b_bar.to(torch.float64)
+    if float(target_norm) == 0.0:
+        return b_bar64
+    delta = torch.zeros_like(b_bar64, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=lr)
+    last, still = None, 0
+    for _ in range(iterations):
+        optimizer.zero_grad()
+        loss = cosine_objective(b_bar64 + delta, b_bar64, target_at, gram, target_norm, lam)
+        loss.backward()
+        optimizer.step()
+        value = float(loss)
+        still = still + 1 if last is not None and abs(last - value) < 1e-12 else 0
+        if still >= 5:
+            break
+        last = value
+    return (b_bar64 + delta).detach()
+
+
+def server_update(
+    inputs: RoundInput, solver: str = "closed-form", lam: float = 0.01, iterations: int = 300, lr: float = 0.01
+) -> ServerUpdate:
+    averaged = average_factors(inputs.clients, inputs.weights)
+    factors = {}
+    for layer, pair in averaged.items():
+        clients = [client[layer] for client in inputs.clients]
+        if solver == "closed-form":
+            b_new = ridge_correction(clients, inputs.weights, pair.A, pair.B, lam)
+        elif solver == "iterative":
+            b_new = iterative_correction(clients, inputs.weights, pair.A, pair.B, lam, iterations, lr)
+        else:
+            raise ValueError(f"unknown LoRA-FAIR solver {solver!r}")
+        factors[layer] = LayerFactors(A=pair.A, B=b_new.to(pair.B.dtype))
+    return ServerUpdate(factors=factors)
