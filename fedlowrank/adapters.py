@@ -68,9 +68,11 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings, task: str = "seq
 
 
 def _check_targets(model: torch.nn.Module, settings: LoraSettings) -> None:
+    from transformers.pytorch_utils import Conv1D  # GPT-2 style linear layers (weight stored d_in x d_out)
+
     linear_names = {}
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, torch.nn.Linear | Conv1D):
             linear_names[name] = module
     for target in settings.target_modules:
         matches = [m for name, m in linear_names.items() if name == target or name.endswith(f".{target}")]
@@ -81,11 +83,11 @@ def _check_targets(model: torch.nn.Module, settings: LoraSettings) -> None:
                 f"Linear layer names here: {', '.join(suffixes)}"
             )
         for module in matches:
-            limit = min(module.in_features, module.out_features)
-            if settings.r > limit:
+            rows, cols = module.weight.shape
+            if settings.r > min(rows, cols):
                 raise AdapterConfigError(
                     f"LoRA rank r={settings.r} is larger than the dimensions of target {target!r} "
-                    f"({module.out_features} x {module.in_features}); use r <= {limit}"
+                    f"({rows} x {cols}); use r <= {min(rows, cols)}"
                 )
 
 

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedlowrank.config import ConfigError, RunConfig, parse_overrides
 
@@ -111,6 +112,62 @@ def train(
         _quiet_libraries()
         train_centralized(run_config, RichReporter(console))
     except (ConfigError, DataError, ModelNotFoundError, AdapterConfigError) as exc:
+        _fail(str(exc))
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that run federations (results saved to disk).")
+app.add_typer(bench_app, name="bench")
+
+ALL_STRATEGIES = "fedit,lora-fair,ffa,fedsvd,fedex,flora,flexlora,fedsa"
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+@bench_app.command("bias")
+def bench_bias(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    data_dir: DataDirOption = None,
+    strategies: Annotated[str, typer.Option(help="Comma-separated strategies.")] = ALL_STRATEGIES,
+    alphas: Annotated[str, typer.Option(help="Dirichlet α values and/or 'iid'.")] = "0.1,0.5,1.0,iid",
+    local_steps: Annotated[str, typer.Option(help="Local steps per round (comma-separated).")] = "5,20",
+    seeds: Annotated[str, typer.Option(help="Seeds (comma-separated).")] = "0",
+    output: Annotated[Path, typer.Option(help="Output folder (resumable).")] = Path("runs/bench-bias"),
+) -> None:
+    """Aggregation bias per round and layer, and accuracy, for strategies x heterogeneity x local steps."""
+    from fedlowrank.adapters import AdapterConfigError
+    from fedlowrank.data import DataError
+    from fedlowrank.models import ModelNotFoundError
+
+    try:
+        base = load_config(config, set_, data_dir, None)
+        steps = [int(v) for v in _csv(local_steps)]
+        seed_values = [int(v) for v in _csv(seeds)]
+        _quiet_libraries()
+        from strategies.bench_bias import run_bias_benchmark
+
+        with Progress(
+            TextColumn("[bold]bench bias"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            console=console,
+        ) as progress:
+            task = progress.add_task(
+                "", total=len(_csv(strategies)) * len(_csv(alphas)) * len(steps) * len(seed_values)
+            )
+
+            def advance(done: int, total: int, cell) -> None:
+                progress.update(task, completed=done, description=cell.name)
+
+            run_bias_benchmark(base, _csv(strategies), _csv(alphas), steps, seed_values, output, on_cell=advance)
+        console.print((output / "bias_summary.md").read_text())
+        console.print((output / "accuracy.md").read_text())
+        console.print(f"wrote {output}/bias.csv, bias.png, accuracy.md, accuracy.csv, bias_summary.md")
+    except (ConfigError, DataError, ModelNotFoundError, AdapterConfigError, ValueError) as exc:
         _fail(str(exc))
 
 
