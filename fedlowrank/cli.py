@@ -58,11 +58,14 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(flower: bool = True) -> None:
     import logging
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    if flower:
+        import flwr.common.logger  # noqa: F401  (configures its logger on import: quiet it afterwards)
+
+        logging.getLogger("flwr").setLevel(logging.WARNING)
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
@@ -109,7 +112,7 @@ def train(
         run_config = load_config(config, set_, data_dir, name)
         if name is None:
             run_config.name = f"{run_config.name}-centralized"
-        _quiet_libraries()
+        _quiet_libraries(flower=False)
         train_centralized(run_config, RichReporter(console))
     except (ConfigError, DataError, ModelNotFoundError, AdapterConfigError) as exc:
         _fail(str(exc))

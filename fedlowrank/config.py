@@ -39,7 +39,11 @@ class LoraSettings:
 @dataclass
 class DataSettings:
     text_column: str = "text"
+    # Second text of sentence-pair tasks (MNLI, QNLI, ...); empty for single-text tasks.
+    text_pair_column: str = ""
     label_column: str = "label"
+    # Hub dataset configuration (e.g. "mnli" for "nyu-mll/glue"); unused for local files.
+    subset: str = ""
     # "iid", "dirichlet", "shards", or "label-proportion" (FFA-LoRA's fixed split, see data.py).
     partitioner: str = "dirichlet"
     dirichlet_alpha: float = 0.5

@@ -39,6 +39,7 @@ class TaskData:
     label_names: list[str]
     text_column: str
     label_column: str
+    text_pair_column: str = ""
 
     @property
     def num_labels(self) -> int:
@@ -73,7 +74,7 @@ def _not_found(name: str, data_dir: str, reason: str) -> DataError:
     )
 
 
-def load_raw_dataset(name_or_path: str, data_dir: str = "") -> DatasetDict:
+def load_raw_dataset(name_or_path: str, data_dir: str = "", subset: str = "") -> DatasetDict:
     """Find and read a dataset: <data_dir>/<name>/, a folder, a file, or a hub name."""
     candidates = []
     if data_dir:
@@ -94,7 +95,7 @@ def load_raw_dataset(name_or_path: str, data_dir: str = "") -> DatasetDict:
     if not hub_reachable():
         raise _not_found(name_or_path, data_dir, "no local copy, and the Hugging Face hub is not reachable")
     try:
-        return load_dataset(name_or_path)
+        return load_dataset(name_or_path, subset or None)
     except Exception as exc:  # datasets raises many types for "not there"
         raise _not_found(name_or_path, data_dir, f"{type(exc).__name__}: {exc}") from exc
 
@@ -103,34 +104,36 @@ def load_task(
     name_or_path: str, data_dir: str, settings: DataSettings, test_fraction: float = 0.1, seed: int = 0
 ) -> TaskData:
     """Load a text-classification task with integer labels and a global test split."""
-    raw = load_raw_dataset(name_or_path, data_dir)
+    raw = load_raw_dataset(name_or_path, data_dir, settings.subset)
     train_split = next((s for s in TRAIN_SPLITS if s in raw), None)
     if train_split is None:
         raise DataError(f"dataset {name_or_path!r} has no train split (splits: {list(raw)})")
     train = raw[train_split]
     test_split = next((s for s in TEST_SPLITS if s in raw), None)
+    test_split = next((s for s in raw if s.startswith("validation_matched")), test_split)  # MNLI
     if test_split is None:
         # No held-out split shipped: carve one, deterministically.
         parts = train.train_test_split(test_size=test_fraction, seed=seed)
         train, test = parts["train"], parts["test"]
     else:
         test = raw[test_split]
+    text_columns = [settings.text_column] + ([settings.text_pair_column] if settings.text_pair_column else [])
     for split_name, split in (("train", train), ("test", test)):
-        missing = [c for c in (settings.text_column, settings.label_column) if c not in split.column_names]
+        missing = [c for c in (*text_columns, settings.label_column) if c not in split.column_names]
         if missing:
             raise DataError(
                 f"dataset {name_or_path!r} ({split_name} split) has no column(s) {missing}; its columns are "
-                f"{split.column_names}. Set data.text-column / data.label-column."
+                f"{split.column_names}. Set data.text-column / data.text-pair-column / data.label-column."
             )
     train, test, label_names = _encode_labels(train, test, settings.label_column)
-    keep = [settings.text_column, settings.label_column]
+    keep = [*text_columns, settings.label_column]
     train = train.remove_columns([c for c in train.column_names if c not in keep])
     test = test.remove_columns([c for c in test.column_names if c not in keep])
     if settings.max_train_examples:
         train = train.shuffle(seed=seed).select(range(min(settings.max_train_examples, len(train))))
     if settings.max_test_examples:
         test = test.shuffle(seed=seed).select(range(min(settings.max_test_examples, len(test))))
-    return TaskData(train, test, label_names, settings.text_column, settings.label_column)
+    return TaskData(train, test, label_names, settings.text_column, settings.label_column, settings.text_pair_column)
 
 
 def _encode_labels(train: Dataset, test: Dataset, column: str) -> tuple[Dataset, Dataset, list[str]]:
@@ -288,12 +291,18 @@ def label_histogram(dataset: Dataset, label_column: str, num_labels: int) -> np.
 
 # ---- tokenization ---------------------------------------------------------------------------------
 def tokenize(
-    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, text_column: str, label_column: str, max_length: int
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    text_column: str,
+    label_column: str,
+    max_length: int,
+    text_pair_column: str = "",
 ) -> Dataset:
     """Tokenize without padding (padding happens per batch in the collator), labels as ``labels``."""
 
     def encode(batch: dict) -> dict:
-        encoded = tokenizer(batch[text_column], truncation=True, max_length=max_length)
+        pair = batch[text_pair_column] if text_pair_column else None
+        encoded = tokenizer(batch[text_column], pair, truncation=True, max_length=max_length)
         encoded["labels"] = batch[label_column]
         return encoded
 

@@ -62,7 +62,12 @@ class Workspace:
         key = (name, index)
         if key not in self._tokenized:
             self._tokenized[key] = tokenize(
-                dataset, self.tokenizer, self.task.text_column, self.task.label_column, self.config.data.max_length
+                dataset,
+                self.tokenizer,
+                self.task.text_column,
+                self.task.label_column,
+                self.config.data.max_length,
+                self.task.text_pair_column,
             )
         return self._tokenized[key]
 

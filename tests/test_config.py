@@ -78,5 +78,5 @@ def test_missing_and_broken_toml_files(tmp_path):
 
 
 def test_every_simulation_config_parses():
-    for path in sorted((REPO / "simulations").glob("*.toml")):
+    for path in sorted((REPO / "simulations").rglob("*.toml")):
         RunConfig.from_toml(path)

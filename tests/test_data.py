@@ -136,3 +136,22 @@ def test_local_files_by_path_and_other_formats(tmp_path, trec):
     trec.train.select(range(100)).to_csv(single)
     task = load_task(str(single), "", DataSettings())  # no test split shipped: 10 % carved out
     assert len(task.train) == 90 and len(task.test) == 10
+
+
+def test_sentence_pair_columns_are_encoded_as_pairs(tmp_path, trec):
+    from fedlowrank.models import load_tokenizer
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    rows = trec.train.select(range(40))
+    pairs = rows.map(lambda r: {"hypothesis": r["text"][::-1]})
+    pairs.to_csv(folder / "train.csv")
+    pairs.select(range(10)).to_csv(folder / "test.csv")
+    settings = DataSettings(text_pair_column="hypothesis")
+    task = load_task(str(folder), "", settings)
+    assert sorted(task.train.column_names) == ["hypothesis", "label", "text"]
+    tokenizer = load_tokenizer("minilm")
+    encoded = tokenize(task.train, tokenizer, "text", "label", 64, text_pair_column="hypothesis")
+    assert all(1 in ids for ids in encoded["token_type_ids"])  # the second segment is marked
+    with pytest.raises(DataError, match="no column"):
+        load_task(str(folder), "", DataSettings(text_pair_column="premise"))
