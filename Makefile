@@ -42,7 +42,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 flwr-run: $(STAMP)  ## the same app through Flower's own simulation engine (`flwr run .`)
-	FLWR_HOME=$(abspath .flwr) $(VENV)/bin/flwr run . --stream --run-config "data-dir='$(FEDLOWRANK_DATA)'"
+	PATH=$(abspath $(VENV))/bin:$$PATH FLWR_HOME=$(abspath .flwr) $(VENV)/bin/flwr run . --stream \
+	  --federation-config "num-supernodes=10" --run-config "data-dir='$(FEDLOWRANK_DATA)'"
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -79,7 +79,6 @@ class ClientRound:
     """One message's work on this node: the model set to the global adapter, plus this client's own parts."""
 
     def __init__(self, message: Message, context: Context, bound: RunConfig | None) -> None:
-        self.message = message
         self.config = resolve_config(context, bound)
         self.workspace: Workspace = get_workspace(self.config)
         self.pid = partition_id(context, self.config)
@@ -131,7 +130,6 @@ def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
         )
         elapsed = time.perf_counter() - started
         state = adapter_state(model)
-        set_trainable(model)
         if job.flags.get("local-b"):
             job.store.save(job.client_key, LOCAL_ADAPTER, job.local_keys(state))
             job.store.save(job.client_key, LAST_TRAINED_A, factor_state(lora_factors(state), with_b=False))

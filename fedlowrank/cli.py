@@ -6,6 +6,8 @@ Flower is imported only inside ``simulate``: the core library stays free of it.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -58,6 +60,19 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+@contextmanager
+def user_errors(*extra: type[Exception]) -> Iterator[None]:
+    """Bad input (config, data, model, adapter) ends the command with its message and exit code 2."""
+    from fedlowrank.adapters import AdapterConfigError
+    from fedlowrank.data import DataError
+    from fedlowrank.models import ModelNotFoundError
+
+    try:
+        yield
+    except (ConfigError, DataError, ModelNotFoundError, AdapterConfigError, *extra) as exc:
+        _fail(str(exc))
+
+
 def _quiet_libraries(flower: bool = True) -> None:
     import logging
 
@@ -79,12 +94,9 @@ def simulate(
     config: ConfigOption = None, set_: SetOption = None, data_dir: DataDirOption = None, name: NameOption = None
 ) -> None:
     """Run a federated simulation in this process (Flower strategies and ClientApp, no Ray)."""
-    from fedlowrank.adapters import AdapterConfigError
-    from fedlowrank.data import DataError
-    from fedlowrank.models import ModelNotFoundError
     from fedlowrank.progress import RichReporter
 
-    try:
+    with user_errors():
         run_config = load_config(config, set_, data_dir, name)
         from strategies.registry import canonical_name
 
@@ -93,8 +105,6 @@ def simulate(
         from strategies.simulation import run_inprocess
 
         run_inprocess(run_config, RichReporter(console))
-    except (ConfigError, DataError, ModelNotFoundError, AdapterConfigError) as exc:
-        _fail(str(exc))
 
 
 @app.command()
@@ -102,20 +112,15 @@ def train(
     config: ConfigOption = None, set_: SetOption = None, data_dir: DataDirOption = None, name: NameOption = None
 ) -> None:
     """Centralized LoRA fine-tuning on the whole training set (the upper bound for federated runs)."""
-    from fedlowrank.adapters import AdapterConfigError
     from fedlowrank.centralized import train_centralized
-    from fedlowrank.data import DataError
-    from fedlowrank.models import ModelNotFoundError
     from fedlowrank.progress import RichReporter
 
-    try:
+    with user_errors():
         run_config = load_config(config, set_, data_dir, name)
         if name is None:
             run_config.name = f"{run_config.name}-centralized"
         _quiet_libraries(flower=False)
         train_centralized(run_config, RichReporter(console))
-    except (ConfigError, DataError, ModelNotFoundError, AdapterConfigError) as exc:
-        _fail(str(exc))
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that run federations (results saved to disk).")
@@ -140,11 +145,7 @@ def bench_bias(
     output: Annotated[Path, typer.Option(help="Output folder (resumable).")] = Path("runs/bench-bias"),
 ) -> None:
     """Aggregation bias per round and layer, and accuracy, for strategies x heterogeneity x local steps."""
-    from fedlowrank.adapters import AdapterConfigError
-    from fedlowrank.data import DataError
-    from fedlowrank.models import ModelNotFoundError
-
-    try:
+    with user_errors(ValueError):
         base = load_config(config, set_, data_dir, None)
         steps = [int(v) for v in _csv(local_steps)]
         seed_values = [int(v) for v in _csv(seeds)]
@@ -170,8 +171,6 @@ def bench_bias(
         console.print((output / "bias_summary.md").read_text())
         console.print((output / "accuracy.md").read_text())
         console.print(f"wrote {output}/bias.csv, bias.png, accuracy.md, accuracy.csv, bias_summary.md")
-    except (ConfigError, DataError, ModelNotFoundError, AdapterConfigError, ValueError) as exc:
-        _fail(str(exc))
 
 
 @app.command("keys")

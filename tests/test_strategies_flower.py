@@ -159,3 +159,21 @@ def test_ffa_clients_share_a_bit_identical_a_in_a_real_run(tiny_config):
     current = adapter_state(workspace.model)
     assert all(torch.equal(current[k], v) for k, v in initial_a.items())
     assert len(lora_factors(current)) == 12
+
+
+def test_fedsa_client_state_on_disk(tiny_config, tmp_path):
+    from safetensors.torch import load_file
+
+    from strategies.simulation import run_inprocess
+
+    state_dir = tmp_path / "client-state"
+    config = tiny_config(
+        strategy="fedsa",
+        name="fedsa-disk",
+        **{"method.client-state": "disk", "method.client-state-dir": str(state_dir)},
+    )
+    run_inprocess(config)
+    files = sorted(state_dir.glob("*/local-adapter.safetensors"))
+    assert [f.parent.name for f in files] == ["0", "1", "2"]
+    b_key = next(k for k in load_file(str(files[0])) if ".lora_B." in k)
+    assert not torch.equal(load_file(str(files[0]))[b_key], load_file(str(files[1]))[b_key])
