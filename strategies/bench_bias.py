@@ -200,7 +200,8 @@ def plot_bias(rows: list[dict[str, Any]], path: Path) -> None:
                 # symlog keeps the exact zeros of FFA / FedSVD / FedEx / FLoRA visible beside FedIT
                 axis.plot(rounds, [statistics.mean(series[r]) for r in rounds], marker="o", label=strategy)
         axis.set_yscale("symlog", linthresh=1e-6)
-        axis.set_title(f"{'IID' if level == 'iid' else 'Dirichlet α=' + level}, {steps} steps")
+        work = f"{steps} local steps" if steps else "local epochs"
+        axis.set_title(f"{'IID' if level == 'iid' else 'Dirichlet α=' + level}, {work}")
         axis.set_xlabel("round")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
