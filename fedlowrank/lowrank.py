@@ -22,6 +22,15 @@ def refactorize_product(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor,
     return B_new.to(dtype), A_new.to(dtype)
 
 
+def stacked_factors(
+    products: list[tuple[torch.Tensor, torch.Tensor]], weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B_1 … B_K], [w_1 A_1; …; w_K A_K]) in float64: their product is Σ_k w_k B_k A_k exactly."""
+    stacked_b = torch.cat([b.to(torch.float64) for b, _ in products], dim=1)
+    stacked_a = torch.cat([float(w) * a.to(torch.float64) for w, (_, a) in zip(weights, products, strict=True)], dim=0)
+    return stacked_b, stacked_a
+
+
 def truncated_svd_of_sum(
     products: list[tuple[torch.Tensor, torch.Tensor]], weights: torch.Tensor, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,8 +39,6 @@ def truncated_svd_of_sum(
     Σ_k w_k B_k A_k = [B_1 … B_K]·[w_1 A_1; …; w_K A_K] is a product of rank ≤ Σ r_k, so the exact
     refactorization above gives its SVD without the dense matrix; the leading ``rank`` terms are kept.
     """
-    stacked_b = torch.cat([b.to(torch.float64) for b, _ in products], dim=1)
-    stacked_a = torch.cat([w * a.to(torch.float64) for w, (_, a) in zip(weights, products, strict=True)], dim=0)
-    B_full, A_full = refactorize_product(stacked_b, stacked_a)
+    B_full, A_full = refactorize_product(*stacked_factors(products, weights))
     dtype = products[0][0].dtype
     return B_full[:, :rank].to(dtype).contiguous(), A_full[:rank].to(dtype).contiguous()

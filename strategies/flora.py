@@ -11,14 +11,13 @@ from __future__ import annotations
 import torch
 
 from fedlowrank.adapters import LayerFactors
+from fedlowrank.lowrank import stacked_factors
 from strategies.common import MethodSpec, RoundInput, ServerUpdate
 
 
 def stack(clients: list[LayerFactors], weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B_stack, A_stack) = ([B_1 … B_K], [p_1 A_1; …; p_K A_K]), float64."""
-    b_stack = torch.cat([c.B.to(torch.float64) for c in clients], dim=1)
-    a_stack = torch.cat([float(w) * c.A.to(torch.float64) for w, c in zip(weights, clients, strict=True)], dim=0)
-    return b_stack, a_stack
+    return stacked_factors([(c.B, c.A) for c in clients], weights)
 
 
 def fresh_a(shape: tuple[int, int], generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from fedlowrank.adapters import LayerFactors
+from fedlowrank.lowrank import stacked_factors
 from strategies.common import MethodSpec, RoundInput, ServerUpdate
 from strategies.fedit import average_factors
 
@@ -30,8 +31,7 @@ def _low_rank_terms(clients: list[LayerFactors], weights: torch.Tensor, a_bar: t
         float(w) * c.B.to(torch.float64) @ (c.A.to(torch.float64) @ a_bar.T)
         for w, c in zip(weights, clients, strict=True)
     )
-    b_stack = torch.cat([c.B.to(torch.float64) for c in clients], dim=1)
-    a_stack = torch.cat([float(w) * c.A.to(torch.float64) for w, c in zip(weights, clients, strict=True)], dim=0)
+    b_stack, a_stack = stacked_factors([(c.B, c.A) for c in clients], weights)
     target_norm = torch.sqrt(((b_stack.T @ b_stack) * (a_stack @ a_stack.T)).sum().clamp(min=0))
     return target_at, a_bar @ a_bar.T, target_norm
 
