@@ -124,6 +124,8 @@ class RunConfig:
     output_dir: str = "runs"
     # Evaluate the global adapter on the global test set every N rounds (and always after the last).
     server_eval_every: int = 1
+    # How long the server waits for num-clients nodes to connect before it stops with an error.
+    node_wait_seconds: float = 120.0
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)

@@ -51,6 +51,23 @@ PERSONALIZED_KEYS = {
 }
 
 
+def wait_for_nodes(grid: Grid, config: RunConfig, poll_seconds: float = 1.0) -> None:
+    """Every partition needs its node: fail clearly instead of waiting forever for missing ones."""
+    deadline = time.monotonic() + config.node_wait_seconds
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected >= config.num_clients:
+            return
+        if time.monotonic() >= deadline:
+            raise FederationError(
+                f"only {connected} node(s) connected after {config.node_wait_seconds:.0f} s, but num-clients="
+                f"{config.num_clients}. With `flwr run .` pass --federation-config "
+                f'"num-supernodes={config.num_clients}"; in a deployment start one SuperNode per partition '
+                '(--node-config "partition-id=K num-partitions=N").'
+            )
+        time.sleep(poll_seconds)
+
+
 def run_server(grid: Grid, config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     """Run ``config.num_rounds`` rounds of ``config.strategy`` over ``grid``; return the run summary."""
     reporter = reporter or Reporter()
@@ -58,6 +75,7 @@ def run_server(grid: Grid, config: RunConfig, reporter: Reporter | None = None) 
     workspace = get_workspace(config)
     _ = workspace.client_splits  # partition now: data errors surface before any training
     strategy: LoRAStrategy = build_strategy(config, workspace.initial_state)
+    wait_for_nodes(grid, config)
     personalized = strategy.spec.local_b  # FedSA: no global model; clients evaluate their own
     recorder = RunRecorder.create(config)
     arrays = strategy.broadcast_record()

@@ -102,3 +102,14 @@ def _adapter_tensors(run_dir):
     from safetensors.torch import load_file
 
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def test_server_stops_clearly_when_too_few_nodes_connect(tiny_config):
+    from clients.client_app import make_client_app
+    from strategies.server_app import FederationError, run_server
+    from strategies.simulation import InProcessGrid
+
+    config = tiny_config(**{"num-clients": 3, "node-wait-seconds": 0.5})
+    grid = InProcessGrid(make_client_app(config), num_nodes=2, run_config=config.to_flat())
+    with pytest.raises(FederationError, match="only 2 node.*num-supernodes=3"):
+        run_server(grid, config)
