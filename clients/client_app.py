@@ -15,7 +15,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlowrank.adapters import adapter_state, extra_keys, factor_state, load_adapter_state, lora_factors, set_trainable
+from fedlowrank.adapters import adapter_state, load_adapter_state, lora_factors, select_roles, set_trainable
 from fedlowrank.config import ConfigError, RunConfig
 from fedlowrank.metrics import personalization_gap
 from fedlowrank.runtime import Workspace, get_workspace
@@ -92,20 +92,14 @@ class ClientRound:
                 load_adapter_state(self.workspace.model, own, strict=False)
 
     def local_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """What stays on this client: its B, and its head when the head is local."""
-        kept = factor_state(lora_factors(state), with_a=False, with_b=True)
-        if self.flags.get("local-head"):
-            kept.update({key: state[key] for key in extra_keys(state)})
-        return kept
+        """What stays on this client: its B side (LoRA B, VeRA λ_b), and its head when the head is local."""
+        return select_roles(state, "B", "head") if self.flags.get("local-head") else select_roles(state, "B")
 
     def upload(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        factors = lora_factors(state)
-        sent = factor_state(
-            factors, with_a=bool(self.flags.get("upload-a", True)), with_b=bool(self.flags.get("upload-b", True))
-        )
+        roles = [role for role, flag in (("A", "upload-a"), ("B", "upload-b")) if self.flags.get(flag, True)]
         if self.flags.get("upload-head", True) and self.config.lora.train_head:
-            sent.update({key: state[key] for key in extra_keys(state)})
-        return sent
+            roles.append("head")
+        return select_roles(state, *roles)
 
 
 def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
@@ -132,7 +126,7 @@ def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
         state = adapter_state(model)
         if job.flags.get("local-b"):
             job.store.save(job.client_key, LOCAL_ADAPTER, job.local_keys(state))
-            job.store.save(job.client_key, LAST_TRAINED_A, factor_state(lora_factors(state), with_b=False))
+            job.store.save(job.client_key, LAST_TRAINED_A, select_roles(state, "A"))
         content = RecordDict(
             {
                 "arrays": state_to_record(job.upload(state)),
@@ -173,12 +167,14 @@ def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
 
 
 def _personalization_gap(job: ClientRound) -> float:
-    """Mean over layers of ‖B_k Ā − B_k A_k‖ / ‖B_k A_k‖ (0 before this client has trained)."""
+    """Mean over layers of ‖B_k Ā − B_k A_k‖ / ‖B_k A_k‖ (0 before this client has trained; NaN for VeRA)."""
     own = job.store.load(job.client_key, LOCAL_ADAPTER)
     trained_a = job.store.load(job.client_key, LAST_TRAINED_A)
     if own is None or trained_a is None:
         return 0.0
     current = lora_factors(adapter_state(job.workspace.model))
+    if not current:  # VeRA: no factor matrices
+        return float("nan")
     b_parts = lora_factors(own, fill_from=current)
     a_parts = lora_factors(trained_a, fill_from=current)
     gaps = [personalization_gap(b_parts[layer].B, current[layer].A, a_parts[layer].A) for layer in current]

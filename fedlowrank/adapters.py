@@ -11,7 +11,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig, PeftModel, TaskType, VeraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel
 
@@ -19,6 +19,12 @@ from fedlowrank.config import LoraSettings
 
 LORA_A = "lora_A"
 LORA_B = "lora_B"
+# Which side of the adapter a trainable tensor is on: LoRA's A and B, VeRA's λ_d (scales the A side) and
+# λ_b (scales the B side). Methods that share, freeze or keep one side local act on these roles.
+A_SIDE = (f".{LORA_A}.", ".vera_lambda_d")
+B_SIDE = (f".{LORA_B}.", ".vera_lambda_b")
+# VeRA's frozen random projections: regenerated from the seed in every process, never sent.
+FROZEN_SHARED = ("vera_A", "vera_B")
 # Output heads of the task models we support (sequence classification and causal LM).
 HEAD_MODULE_NAMES = ("classifier", "score")
 
@@ -44,8 +50,24 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings, task: str = "seq
     _check_targets(model, settings)
     init = True if settings.init == "default" else settings.init
     heads = head_modules(model) if (settings.train_head and task == "seq-cls") else []
+    task_type = TaskType.SEQ_CLS if task == "seq-cls" else TaskType.CAUSAL_LM
+    if settings.adapter == "vera":
+        adapter_config = VeraConfig(
+            task_type=task_type,
+            r=settings.r,
+            target_modules=list(settings.target_modules),
+            vera_dropout=settings.dropout,
+            projection_prng_key=0,
+            save_projection=True,
+            modules_to_save=heads or None,
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = get_peft_model(model, adapter_config)
+        _freeze_untrained_head(peft_model, task, settings)
+        return peft_model
     lora_config = LoraConfig(
-        task_type=TaskType.SEQ_CLS if task == "seq-cls" else TaskType.CAUSAL_LM,
+        task_type=task_type,
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
@@ -58,13 +80,31 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings, task: str = "seq
         # peft asks transformers about gradient checkpointing through a name v5 deprecates
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, lora_config)
-    if task == "seq-cls" and not settings.train_head:
-        # peft's SEQ_CLS task type adds the classifier to modules_to_save on its own; undo that so the
-        # head stays frozen when asked.
-        for name, param in peft_model.named_parameters():
-            if any(f"{head}." in name for head in HEAD_MODULE_NAMES) and LORA_A not in name:
-                param.requires_grad_(False)
+    _freeze_untrained_head(peft_model, task, settings)
     return peft_model
+
+
+def _freeze_untrained_head(peft_model: PeftModel, task: str, settings: LoraSettings) -> None:
+    """peft's SEQ_CLS task type adds the classifier to modules_to_save on its own; undo that when asked."""
+    if task == "seq-cls" and not settings.train_head:
+        for name, param in peft_model.named_parameters():
+            if any(f"{head}." in name for head in HEAD_MODULE_NAMES) and key_role(name) == "head":
+                param.requires_grad_(False)
+
+
+def key_role(key: str) -> str:
+    """ "A", "B", "frozen" (VeRA projections) or "head" (any other adapter-state tensor)."""
+    if any(marker in key for marker in A_SIDE):
+        return "A"
+    if any(marker in key for marker in B_SIDE):
+        return "B"
+    if key.rsplit(".", 1)[-1] in FROZEN_SHARED or any(f".{name}." in key for name in FROZEN_SHARED):
+        return "frozen"
+    return "head"
+
+
+def select_roles(state: dict[str, torch.Tensor], *roles: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if key_role(k) in roles and not k.endswith(RESIDUAL_SUFFIX)}
 
 
 def _check_targets(model: torch.nn.Module, settings: LoraSettings) -> None:
@@ -106,6 +146,8 @@ def _param_name(model: PeftModel, state_key: str) -> str:
     adapter = model.active_adapter
     if f".{LORA_A}." in state_key or f".{LORA_B}." in state_key:
         return state_key.replace(".weight", f".{adapter}.weight").replace(".bias", f".{adapter}.bias")
+    if key_role(state_key) in ("A", "B"):  # VeRA's λ vectors
+        return f"{state_key}.{adapter}"
     prefix, _, leaf = state_key.rpartition(".")
     return f"{prefix}.modules_to_save.{adapter}.{leaf}"
 
@@ -164,8 +206,10 @@ def factor_keys(layer: str) -> tuple[str, str]:
 
 
 def extra_keys(state: dict[str, torch.Tensor]) -> list[str]:
-    """Adapter-state keys that are not LoRA factors or residuals (a trained head, for example)."""
-    return sorted(k for k in state if layer_name(k) is None and not k.endswith(RESIDUAL_SUFFIX))
+    """Trainable adapter-state keys that are not LoRA factor matrices: the head, VeRA's λ vectors."""
+    return sorted(
+        k for k in state if layer_name(k) is None and not k.endswith(RESIDUAL_SUFFIX) and key_role(k) != "frozen"
+    )
 
 
 def factor_state(factors: dict[str, LayerFactors], with_a: bool = True, with_b: bool = True) -> dict[str, torch.Tensor]:
@@ -234,9 +278,10 @@ def set_base_residuals(
 def set_trainable(model: PeftModel, *, lora_a: bool = True, lora_b: bool = True, head: bool = True) -> None:
     """Choose which adapter parts train. Everything outside the adapter stays frozen."""
     for name, param in model.named_parameters():
-        if f".{LORA_A}." in name:
+        role = key_role(name)
+        if role == "A":
             param.requires_grad_(lora_a)
-        elif f".{LORA_B}." in name:
+        elif role == "B":
             param.requires_grad_(lora_b)
         elif ".modules_to_save." in name:
             param.requires_grad_(head)

@@ -25,6 +25,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class LoraSettings:
+    # "lora", or "vera" (shared frozen random projections from the seed; trains λ_d (A side) and λ_b (B side)).
+    adapter: str = "lora"
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -186,6 +188,7 @@ class RunConfig:
             f"weighting must be 'num-examples' or 'uniform', got {self.weighting!r}",
         )
         need(self.lora.r >= 1, "lora.r must be >= 1")
+        need(self.lora.adapter in ("lora", "vera"), f"lora.adapter must be 'lora' or 'vera', got {self.lora.adapter!r}")
         need(self.lora.alpha > 0, "lora.alpha must be > 0")
         need(0.0 <= self.lora.dropout < 1.0, "lora.dropout must be in [0, 1)")
         need(bool(self.lora.target_modules), "lora.target-modules must name at least one module")

@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedlowrank.adapters import RESIDUAL_SUFFIX, LayerFactors, extra_keys, factor_state, lora_factors
+from fedlowrank.adapters import RESIDUAL_SUFFIX, LayerFactors, extra_keys, factor_state, key_role, lora_factors
 from fedlowrank.metrics import layer_bias, product, summarize
 from strategies.common import (
     MethodSpec,
@@ -81,8 +81,8 @@ class LoRAStrategy(FedAvg):
 
     def broadcast_record(self) -> ArrayRecord:
         state = factor_state(self.global_factors(), with_a=self.spec.download_a, with_b=self.spec.download_b)
-        if not self.local_head:
-            state.update({key: self.global_state[key] for key in extra_keys(self.global_state)})
+        sent_roles = {"A": self.spec.download_a, "B": self.spec.download_b, "head": not self.local_head}
+        state.update({k: self.global_state[k] for k in extra_keys(self.global_state) if sent_roles[key_role(k)]})
         state.update(self._residual_entries())
         return state_to_record(state)
 
@@ -136,9 +136,9 @@ class LoRAStrategy(FedAvg):
         if not self.spec.local_b:  # FedSA has no global product: its clients report a personalisation gap
             self.round_info.update(self._bias(clients, weights, previous, update))
         self.global_state.update(factor_state(update.factors))
-        if not self.local_head:
-            for key in extra_keys(states[0]):
-                self.global_state[key] = weighted_average([state[key] for state in states], weights)
+        # Non-matrix trainables that came up (the shared head, VeRA's λ vectors) are averaged.
+        for key in extra_keys(states[0]):
+            self.global_state[key] = weighted_average([state[key] for state in states], weights)
         for layer, fold in update.fold.items():
             self.folded[layer] = self.folded.get(layer, 0) + fold.to(torch.float64)
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedlowrank.adapters import LayerFactors
+from fedlowrank.adapters import LayerFactors, key_role
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,9 @@ def weighted_average(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> 
 
 
 def a_checksum(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over every LoRA A tensor's bytes, in key order."""
+    """SHA-256 over the bytes of every A-side and frozen shared tensor (LoRA A; VeRA λ_d and projections)."""
     digest = hashlib.sha256()
-    for key in sorted(k for k in state if ".lora_A." in k):
+    for key in sorted(k for k in state if key_role(k) in ("A", "frozen")):
         digest.update(key.encode())
         digest.update(state[key].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()

@@ -177,3 +177,30 @@ def test_fedsa_client_state_on_disk(tiny_config, tmp_path):
     assert [f.parent.name for f in files] == ["0", "1", "2"]
     b_key = next(k for k in load_file(str(files[0])) if ".lora_B." in k)
     assert not torch.equal(load_file(str(files[0]))[b_key], load_file(str(files[1]))[b_key])
+
+
+def test_fedsa_vera_shares_lambda_d_and_keeps_lambda_b_local(tiny_config):
+    from clients.client_app import LOCAL_ADAPTER, ContextStateStore, make_client_app
+    from fedlowrank.adapters import key_role
+    from strategies.server_app import run_server
+    from strategies.simulation import InProcessGrid
+
+    config = tiny_config(strategy="fedsa", name="fedsa-vera", **{"lora.adapter": "vera", "lora.r": 16})
+    grid = InProcessGrid(make_client_app(config), config.num_clients, config.to_flat(), seed=0)
+    run_server(grid, config)
+    local = [ContextStateStore(ctx).load("", LOCAL_ADAPTER) for ctx in grid.contexts.values()]
+    assert {key_role(k) for k in local[0]} == {"B", "head"}
+    lambda_b = next(k for k in local[0] if key_role(k) == "B")
+    assert not torch.equal(local[0][lambda_b], local[1][lambda_b])  # each client its own λ_b
+    rows = read_metrics(f"{config.output_dir}/fedsa-vera")
+    per_client_up = rows[-1]["bytes_up_per_client"]
+    assert per_client_up < 12 * 384 * 4  # only the 12 λ_d vectors (16 floats each): less than λ_b alone
+    assert rows[-1]["client_eval_accuracy"] is not None
+
+
+def test_ffa_with_vera_freezes_and_checks_the_shared_side(tiny_config):
+    from strategies.simulation import run_inprocess
+
+    summary = run_inprocess(tiny_config(strategy="ffa", name="ffa-vera", **{"lora.adapter": "vera", "lora.r": 16}))
+    rows = read_metrics(summary["run_dir"])
+    assert all(row["clients_rejected"] == 0 for row in rows)
