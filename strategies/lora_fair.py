@@ -83,7 +83,7 @@ def iterative_correction(
         loss = cosine_objective(b_bar64 + delta, b_bar64, target_at, gram, target_norm, lam)
         loss.backward()
         optimizer.step()
-        value = float(loss)
+        value = float(loss.detach())
         still = still + 1 if last is not None and abs(last - value) < 1e-12 else 0
         if still >= 5:
             break
