@@ -46,40 +46,31 @@ def head_modules(model: torch.nn.Module) -> list[str]:
 
 
 def attach_lora(model: PreTrainedModel, settings: LoraSettings, task: str = "seq-cls") -> PeftModel:
-    """Wrap ``model`` with peft LoRA adapters; checks targets and ranks first, with clear errors."""
+    """Wrap ``model`` with peft LoRA (or VeRA) adapters; checks targets and ranks first, with clear errors."""
     _check_targets(model, settings)
-    init = True if settings.init == "default" else settings.init
     heads = head_modules(model) if (settings.train_head and task == "seq-cls") else []
-    task_type = TaskType.SEQ_CLS if task == "seq-cls" else TaskType.CAUSAL_LM
+    common = {
+        "task_type": TaskType.SEQ_CLS if task == "seq-cls" else TaskType.CAUSAL_LM,
+        "r": settings.r,
+        "target_modules": list(settings.target_modules),
+        "modules_to_save": heads or None,
+    }
     if settings.adapter == "vera":
         adapter_config = VeraConfig(
-            task_type=task_type,
-            r=settings.r,
-            target_modules=list(settings.target_modules),
-            vera_dropout=settings.dropout,
-            projection_prng_key=0,
-            save_projection=True,
-            modules_to_save=heads or None,
+            **common, vera_dropout=settings.dropout, projection_prng_key=0, save_projection=True
         )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            peft_model = get_peft_model(model, adapter_config)
-        _freeze_untrained_head(peft_model, task, settings)
-        return peft_model
-    lora_config = LoraConfig(
-        task_type=task_type,
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
-        use_rslora=settings.use_rslora,
-        init_lora_weights=init,
-        modules_to_save=heads or None,
-    )
+    else:
+        adapter_config = LoraConfig(
+            **common,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            use_rslora=settings.use_rslora,
+            init_lora_weights=True if settings.init == "default" else settings.init,
+        )
     with warnings.catch_warnings():
         # peft asks transformers about gradient checkpointing through a name v5 deprecates
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = get_peft_model(model, lora_config)
+        peft_model = get_peft_model(model, adapter_config)
     _freeze_untrained_head(peft_model, task, settings)
     return peft_model
 
@@ -93,7 +84,7 @@ def _freeze_untrained_head(peft_model: PeftModel, task: str, settings: LoraSetti
 
 
 def key_role(key: str) -> str:
-    """ "A", "B", "frozen" (VeRA projections) or "head" (any other adapter-state tensor)."""
+    """The side of an adapter-state key: "A", "B", "frozen" (VeRA projections) or "head" (anything else)."""
     if any(marker in key for marker in A_SIDE):
         return "A"
     if any(marker in key for marker in B_SIDE):
