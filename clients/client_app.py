@@ -18,6 +18,8 @@ from flwr.clientapp import ClientApp
 from fedlowrank.adapters import adapter_state, load_adapter_state, lora_factors, select_roles, set_trainable
 from fedlowrank.config import ConfigError, RunConfig
 from fedlowrank.metrics import personalization_gap
+from fedlowrank.privacy.accounting import PrivacyAccountant, PrivacyBudgetExceeded, plan_client
+from fedlowrank.privacy.dp_sgd import train_private
 from fedlowrank.runtime import Workspace, get_workspace
 from fedlowrank.state import ClientStateStore, DiskStateStore
 from fedlowrank.training import evaluate, train_local
@@ -26,6 +28,7 @@ from strategies.records import record_to_state, state_to_record
 
 LOCAL_ADAPTER = "local-adapter"  # FedSA: this client's own B (and head)
 LAST_TRAINED_A = "last-trained-a"  # FedSA: the A this client trained last, for the personalisation gap
+DP_STATE = "dp-accountant"  # DP-SGD: this client's accountant history and its σ plan, for the whole run
 DISK_STATE_ABOVE = 256  # "auto" keeps state in Context.state up to this many clients
 
 
@@ -119,9 +122,16 @@ def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
         )
         seed = client_seed(config, server_round, job.pid)
         started = time.perf_counter()
-        result = train_local(
-            model, job.workspace.client_train_loader(job.pid, seed), config.train, config.optimizer, seed=seed
-        )
+        dp_metrics: dict[str, float] = {}
+        if config.dp.sample_level:
+            try:
+                result, dp_metrics = _train_private(job, seed)
+            except PrivacyBudgetExceeded as refusal:
+                return _refusal(message, job, str(refusal))
+        else:
+            result = train_local(
+                model, job.workspace.client_train_loader(job.pid, seed), config.train, config.optimizer, seed=seed
+            )
         elapsed = time.perf_counter() - started
         state = adapter_state(model)
         if job.flags.get("local-b"):
@@ -136,6 +146,8 @@ def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
                         "train-loss": result.loss,
                         "num-steps": result.num_steps,
                         "train-time": elapsed,
+                        "partition-id": job.pid,
+                        **dp_metrics,
                     }
                 ),
             }
@@ -164,6 +176,60 @@ def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
         return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=message)
 
     return app
+
+
+def _train_private(job: ClientRound, seed: int):
+    """One round of DP-SGD; the accountant comes from and goes back to this client's persistent state."""
+    config, workspace = job.config, job.workspace
+    dataset = workspace.client_train_dataset(job.pid)
+    saved = job.store.load(job.client_key, DP_STATE) or {}
+    accountant = PrivacyAccountant.from_tensor(saved.get("history"), config.dp.accountant)
+    plan = plan_client(
+        dataset_size=len(dataset),
+        batch_size=config.train.batch_size,
+        local_steps=config.train.local_steps,
+        local_epochs=config.train.local_epochs,
+        num_rounds=config.num_rounds,
+        fraction_train=config.fraction_train,
+        target_epsilon=config.dp.epsilon,
+        delta=config.dp.delta,
+        participation=config.dp.participation,
+        accountant=config.dp.accountant,
+        noise_multiplier=float(saved["plan"][0]) if "plan" in saved else config.dp.noise_multiplier,
+    )
+    result = train_private(
+        workspace.model,
+        dataset,
+        workspace.collator,
+        config.train,
+        plan,
+        accountant,
+        max_grad_norm=config.dp.max_grad_norm,
+        engine=config.dp.engine,
+        max_physical_batch_size=config.dp.max_physical_batch_size,
+        optimizer_kind=config.optimizer,
+        seed=seed,
+    )
+    job.store.save(job.client_key, DP_STATE, {"history": accountant.to_tensor(), "plan": plan.as_tensor()})
+    metrics = {
+        "dp-epsilon": result.epsilon,
+        "dp-noise-multiplier": result.noise_multiplier,
+        "dp-sample-rate": result.sample_rate,
+        "dp-steps-total": float(accountant.steps),
+        "dp-empty-batches": result.empty_batches,
+        "dp-planned-rounds": plan.planned_rounds,
+        "dp-refused": 0,
+    }
+    return result, metrics
+
+
+def _refusal(message: Message, job: ClientRound, reason: str) -> Message:
+    """A reply that trains nothing: this client's budget would be exceeded. The server records it."""
+    saved = job.store.load(job.client_key, DP_STATE) or {}
+    spent = PrivacyAccountant.from_tensor(saved.get("history"), job.config.dp.accountant).epsilon(job.config.dp.delta)
+    metrics = {"num-examples": 0, "partition-id": job.pid, "dp-refused": 1, "dp-epsilon": spent}
+    content = RecordDict({"metrics": MetricRecord(metrics), "refusal": ConfigRecord({"reason": reason})})
+    return Message(content, reply_to=message)
 
 
 def _personalization_gap(job: ClientRound) -> float:

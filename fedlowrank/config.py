@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -96,11 +97,39 @@ class MethodSettings:
 
 @dataclass
 class DPSettings:
-    """Sample-level DP-SGD (issue 4). Parsed here so runs can record it; not yet executable."""
+    """Differential privacy. Sample-level DP-SGD in every client when ``epsilon`` > 0 (0: off; ``inf`` is
+    also off, the non-private reference of a privacy sweep); user-level DP on the server when
+    ``user-noise-multiplier`` > 0. See docs in README ("Privacy")."""
 
+    # Sample-level (ε, δ) budget of each client for the whole run.
     epsilon: float = 0.0
     delta: float = 1e-5
+    # Per-sample clipping norm C.
     max_grad_norm: float = 1.0
+    # How many rounds the σ calibration assumes a client joins: "every-round" (conservative) or
+    # "expected" (num-rounds × fraction-train; a client picked more often refuses once its budget is spent).
+    participation: str = "every-round"
+    # "prv" (Opacus' PRV, upper bound; near-tight) or "rdp" (conservative).
+    accountant: str = "prv"
+    # Per-sample gradients: "hooks" (Opacus GradSampleHooks) or "fused" (fedlowrank's LoRA path).
+    engine: str = "hooks"
+    # Split Poisson batches into physical batches of at most this size (0: never split).
+    max_physical_batch_size: int = 0
+    # Fix σ instead of calibrating it from epsilon (0: calibrate). ε is still accounted and enforced.
+    noise_multiplier: float = 0.0
+    # User-level DP (DP-FedAvg): server clips each client's update to user-clip-norm and adds Gaussian
+    # noise of std user-noise-multiplier × user-clip-norm to the sum (0: off). Needs weighting = "uniform".
+    user_noise_multiplier: float = 0.0
+    user_clip_norm: float = 1.0
+    user_delta: float = 1e-5
+
+    @property
+    def sample_level(self) -> bool:
+        return self.epsilon > 0 and math.isfinite(self.epsilon)
+
+    @property
+    def user_level(self) -> bool:
+        return self.user_noise_multiplier > 0
 
 
 @dataclass
@@ -217,10 +246,25 @@ class RunConfig:
             f"method.fair-solver must be 'closed-form' or 'iterative', got {self.method.fair_solver!r}",
         )
         need(self.method.fair_lambda >= 0, "method.fair-lambda must be >= 0")
-        if self.dp.epsilon:
-            raise ConfigError(
-                "dp.epsilon is set, but sample-level DP-SGD is not implemented yet in this version "
-                "(tracked as issue 4); remove the [dp] section to train without DP"
+        need(self.dp.epsilon >= 0, "dp.epsilon must be >= 0 (0 or inf: no DP-SGD)")
+        need(0 < self.dp.delta < 1, "dp.delta must be in (0, 1)")
+        need(self.dp.max_grad_norm > 0, "dp.max-grad-norm must be > 0")
+        need(
+            self.dp.participation in ("every-round", "expected"),
+            f"dp.participation must be 'every-round' or 'expected', got {self.dp.participation!r}",
+        )
+        need(self.dp.accountant in ("prv", "rdp"), f"dp.accountant must be 'prv' or 'rdp', got {self.dp.accountant!r}")
+        need(self.dp.engine in ("hooks", "fused"), f"dp.engine must be 'hooks' or 'fused', got {self.dp.engine!r}")
+        need(self.dp.max_physical_batch_size >= 0, "dp.max-physical-batch-size must be >= 0")
+        need(self.dp.noise_multiplier >= 0, "dp.noise-multiplier must be >= 0")
+        need(self.dp.user_noise_multiplier >= 0, "dp.user-noise-multiplier must be >= 0")
+        need(self.dp.user_clip_norm > 0, "dp.user-clip-norm must be > 0")
+        if self.dp.sample_level:
+            need(self.lora.adapter == "lora", "DP-SGD supports lora.adapter = 'lora' only (not VeRA) for now")
+        if self.dp.user_level:
+            need(
+                self.weighting == "uniform",
+                "user-level DP bounds each client's influence only with equal weights: set weighting = \"uniform\"",
             )
 
     # ---- output -------------------------------------------------------------------------------

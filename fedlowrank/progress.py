@@ -19,6 +19,7 @@ ROUND_COLUMNS = (
     ("test_accuracy", "test acc", "{:.2%}"),
     ("test_f1", "test F1", "{:.3f}"),
     ("client_eval_accuracy", "client val acc", "{:.2%}"),
+    ("dp_epsilon_max", "max ε", "{:.2f}"),
     ("bytes_down", "MB down", "{:.2f}"),
     ("bytes_up", "MB up", "{:.2f}"),
     ("wall_time", "wall s", "{:.1f}"),
@@ -45,6 +46,9 @@ class Reporter:
 
     def client_finished(self) -> None:
         pass
+
+    def note(self, text: str) -> None:
+        log.warning(text)
 
     def round_finished(self, row: dict[str, Any]) -> None:
         log.info(" | ".join(f"{h}={format_cell(k, f, row)}" for k, h, f in ROUND_COLUMNS))
@@ -86,6 +90,9 @@ class RichReporter(Reporter):
 
     def client_finished(self) -> None:
         self.progress.advance(self.clients_task)
+
+    def note(self, text: str) -> None:
+        self.progress.console.print(f"[yellow]{text}")
 
     def round_finished(self, row: dict[str, Any]) -> None:
         self.progress.advance(self.rounds_task)

@@ -14,7 +14,7 @@ import torch
 from datasets import Dataset
 from peft import PeftModel
 from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerBase
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from fedlowrank.adapters import (
     adapter_state,
@@ -74,6 +74,14 @@ class Workspace:
     def client_train_loader(self, partition_id: int, seed: int) -> DataLoader:
         data = self._tokenized_split("train", partition_id, self.client_split(partition_id).train)
         return make_loader(data, self.tokenizer, self.config.train.batch_size, shuffle=True, seed=seed)
+
+    def client_train_dataset(self, partition_id: int) -> Dataset:
+        """This client's tokenized training examples (DP-SGD draws its own Poisson batches from them)."""
+        return self._tokenized_split("train", partition_id, self.client_split(partition_id).train).with_format(None)
+
+    @cached_property
+    def collator(self) -> DataCollatorWithPadding:
+        return DataCollatorWithPadding(self.tokenizer, return_tensors="pt")
 
     def client_validation_loader(self, partition_id: int) -> DataLoader:
         data = self._tokenized_split("validation", partition_id, self.client_split(partition_id).validation)

@@ -112,7 +112,14 @@ class LoRAStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _errors = self._check_and_log_replies(list(replies), is_train=True)
+        replies = list(replies)
+        # DP clients whose budget is spent reply without arrays; they are recorded, not aggregated.
+        refused = [msg for msg in replies if is_refusal(msg)]
+        replies = [msg for msg in replies if not is_refusal(msg)]
+        if not replies:
+            self.round_info = {"clients_rejected": 0, "clients_refused": len(refused)}
+            return None, None
+        valid, _errors = self._check_and_log_replies(replies, is_train=True)
         rejected = 0
         if self.spec.check_shared_a and valid:
             expected = a_checksum(self.global_state)
@@ -123,7 +130,7 @@ class LoRAStrategy(FedAvg):
                     "round %d: rejected %d client(s) whose frozen A differs from the shared A", server_round, rejected
                 )
             valid = accepted
-        self.round_info = {"clients_rejected": rejected}
+        self.round_info = {"clients_rejected": rejected, "clients_refused": len(refused)}
         if not valid:
             return None, None
         contents = [msg.content for msg in valid]
@@ -167,6 +174,13 @@ class LoRAStrategy(FedAvg):
             "bias_rel_per_layer": per_layer,
             "bias_round_rel_per_layer": per_layer_round,
         }
+
+
+def is_refusal(message: Message) -> bool:
+    """A DP client's "my privacy budget is spent" reply (see clients/client_app.py)."""
+    if message.has_error():
+        return False
+    return any(float(record.get("dp-refused", 0)) > 0 for record in message.content.metric_records.values())
 
 
 def _metric(content, key: str) -> float:

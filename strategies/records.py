@@ -7,8 +7,13 @@ from flwr.app import ArrayRecord
 
 
 def state_to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
-    # fp32: ArrayRecord goes through numpy, which has no bfloat16 (flower.md pitfall 1).
-    return ArrayRecord({k: v.detach().to("cpu", torch.float32) for k, v in state.items()})
+    # fp32: ArrayRecord goes through numpy, which has no bfloat16 (flower.md pitfall 1). float64 stays
+    # float64 (privacy accountant histories in client state must not lose precision).
+    return ArrayRecord({k: v.detach().to("cpu", _wire_dtype(v)) for k, v in state.items()})
+
+
+def _wire_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
 def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from fedlowrank.progress import Reporter
 from fedlowrank.report import RunRecorder, plot_run, read_metrics
 from fedlowrank.runtime import Workspace, get_workspace
 from fedlowrank.training import evaluate
-from strategies.base import LoRAStrategy
+from strategies.base import LoRAStrategy, is_refusal
 from strategies.records import record_bytes
 from strategies.registry import build_strategy, canonical_name
 
@@ -68,6 +68,36 @@ def wait_for_nodes(grid: Grid, config: RunConfig, poll_seconds: float = 1.0) -> 
         time.sleep(poll_seconds)
 
 
+class EpsilonLedger:
+    """The server's per-client record of cumulative sample-level ε (as each client last reported it)."""
+
+    def __init__(self) -> None:
+        self.epsilon: dict[str, float] = {}
+        self.noise: dict[str, float] = {}
+        self.refusals: dict[str, int] = {}
+
+    def update(self, replies: list[Message]) -> dict[str, Any]:
+        refused_now = []
+        for reply in replies:
+            metrics = next(iter(reply.content.metric_records.values()), {})
+            if "dp-epsilon" not in metrics:
+                continue
+            client = str(int(metrics["partition-id"]))
+            self.epsilon[client] = float(metrics["dp-epsilon"])
+            if float(metrics.get("dp-refused", 0)) > 0:
+                refused_now.append(client)
+                self.refusals[client] = self.refusals.get(client, 0) + 1
+            else:
+                self.noise[client] = float(metrics["dp-noise-multiplier"])
+        ordered = dict(sorted(self.epsilon.items(), key=lambda item: int(item[0])))
+        return {
+            "dp_epsilon_max": max(ordered.values(), default=0.0),
+            "dp_epsilon_per_client": ordered,
+            "dp_noise_multiplier_per_client": dict(sorted(self.noise.items(), key=lambda item: int(item[0]))),
+            "dp_refused_clients": refused_now,
+        }
+
+
 def run_server(grid: Grid, config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     """Run ``config.num_rounds`` rounds of ``config.strategy`` over ``grid``; return the run summary."""
     reporter = reporter or Reporter()
@@ -87,6 +117,7 @@ def run_server(grid: Grid, config: RunConfig, reporter: Reporter | None = None) 
         config.num_rounds,
     )
     total_down = total_up = 0
+    ledger = EpsilonLedger()
     for server_round in range(1, config.num_rounds + 1):
         round_started = time.perf_counter()
         train_messages = list(strategy.configure_train(server_round, arrays, ConfigRecord({"seed": config.seed}), grid))
@@ -95,8 +126,13 @@ def run_server(grid: Grid, config: RunConfig, reporter: Reporter | None = None) 
         replies = list(grid.send_and_receive(train_messages))
         ok_replies = [r for r in replies if not r.has_error()]
         bytes_up = sum(record_bytes(_reply_arrays(r)) for r in ok_replies)
+        privacy = ledger.update(ok_replies) if config.dp.sample_level else {}
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is None:
+            if ok_replies and all(is_refusal(r) for r in ok_replies):
+                reporter.note(f"round {server_round}: every client has spent its privacy budget; stopping")
+                recorder.log({"round": server_round, "stopped": "privacy budget exhausted", **privacy})
+                break
             raise FederationError(f"round {server_round}: no client returned a result: {_error_reasons(replies)}")
         arrays = new_arrays
 
@@ -108,6 +144,7 @@ def run_server(grid: Grid, config: RunConfig, reporter: Reporter | None = None) 
             "train_loss": float(train_metrics["train-loss"]) if train_metrics else None,
         }
         row.update(strategy.round_info)
+        row.update(privacy)
         last_round = server_round == config.num_rounds
         eval_config = ConfigRecord({"eval-global-test": personalized and last_round})
         eval_messages = list(strategy.configure_evaluate(server_round, arrays, eval_config, grid))
@@ -153,12 +190,13 @@ def run_server(grid: Grid, config: RunConfig, reporter: Reporter | None = None) 
     workspace.model.save_pretrained(adapter_dir)
     workspace.tokenizer.save_pretrained(adapter_dir)
     rows = read_metrics(recorder.run_dir)
-    final = rows[-1]
+    final = next((row for row in reversed(rows) if "test_accuracy" in row), rows[-1])
     summary = {
         "run_dir": str(recorder.run_dir),
         "test_accuracy": final.get("test_accuracy"),
         "test_f1": final.get("test_f1"),
         "test_loss": final.get("test_loss"),
+        "dp_epsilon_max": ledger.update([])["dp_epsilon_max"] if config.dp.sample_level else None,
         "bytes_down_total": total_down,
         "bytes_up_total": total_up,
         "wall_time": recorder.elapsed(),

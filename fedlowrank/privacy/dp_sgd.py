@@ -1,0 +1,227 @@
+"""DP-SGD on whatever a model trains (LoRA A and/or B, the head) — one client's local round.
+
+The recipe of privacy.md §6 with Opacus 1.6 objects composed directly, so that the sampling rate the
+accountant sees is exactly the one the sampler uses:
+- Poisson sampling at q = b / n_k (``PoissonBatches``); an empty batch still takes its noise-only step;
+- per-sample gradients from Opacus' hooks (``engine="hooks"``) or the fused LoRA path (``"fused"``);
+- Opacus ``DPOptimizer`` clips (flat, C), adds N(0, σ²C²) and divides by the *expected* batch size;
+- logical batches larger than ``max_physical_batch_size`` are split as Opacus' BatchMemoryManager does
+  (``signal_skip_step``), so memory stays bounded without changing the mechanism;
+- the client's ``PrivacyAccountant`` (restored from its persistent state) is stepped once per noisy step.
+Hooks are removed at the end of every round (adding them twice fails in round 2) and the adapters are
+checked to have moved (the silent no-update hazard, opacus #820).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from fedlowrank.config import TrainSettings
+from fedlowrank.privacy.accounting import ClientDPPlan, PrivacyAccountant, PrivacyBudgetExceeded
+from fedlowrank.privacy.fused import FusedPerSampleGrads, empty_grad_samples
+from fedlowrank.training import make_optimizer
+
+ENGINES = ("hooks", "fused")
+
+
+@dataclass
+class DPTrainResult:
+    loss: float  # mean per-example training loss over the non-empty batches
+    num_examples: int  # examples processed (Poisson batches, repeats counted)
+    num_steps: int  # noisy optimizer steps (each accounted)
+    dataset_size: int
+    empty_batches: int
+    epsilon: float  # cumulative, after this round
+    noise_multiplier: float
+    sample_rate: float
+
+
+class PoissonBatches:
+    """``steps`` Poisson batches: every example joins each batch independently with probability q."""
+
+    def __init__(self, dataset_size: int, sample_rate: float, steps: int, generator: torch.Generator) -> None:
+        self.dataset_size, self.sample_rate, self.steps, self.generator = dataset_size, sample_rate, steps, generator
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            mask = torch.rand(self.dataset_size, generator=self.generator) < self.sample_rate
+            yield mask.nonzero().flatten().tolist()
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+def per_example_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Σ_i L_i (not the mean: dividing by the realised batch size would leak it, and the per-sample
+    gradients must be those of each example's own loss)."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    return nn.functional.cross_entropy(logits, labels, reduction="sum")
+
+
+def _attach_per_sample_engine(model: nn.Module, engine: str):
+    if engine == "fused":
+        return FusedPerSampleGrads(model).__enter__()
+    if engine == "hooks":
+        from opacus.grad_sample import GradSampleHooks
+
+        return GradSampleHooks(model, batch_first=True, loss_reduction="sum")
+    raise ValueError(f"dp.engine must be one of {ENGINES}, got {engine!r}")
+
+
+def _detach_per_sample_engine(handle, engine: str) -> None:
+    if engine == "fused":
+        handle.__exit__(None, None, None)
+    else:
+        handle.cleanup()
+
+
+def train_private(
+    model: nn.Module,
+    dataset: Dataset,
+    collate: Callable[[list], dict[str, torch.Tensor]],
+    settings: TrainSettings,
+    plan: ClientDPPlan,
+    accountant: PrivacyAccountant,
+    *,
+    max_grad_norm: float,
+    engine: str = "hooks",
+    max_physical_batch_size: int = 0,
+    optimizer_kind: str = "sgd",
+    seed: int = 0,
+    check_budget: bool = True,
+) -> DPTrainResult:
+    """One round of DP-SGD for one client. Raises ``PrivacyBudgetExceeded`` *before* training if the
+    round's steps would take ``accountant`` past ``plan.target_epsilon``; nothing is changed then."""
+    from opacus.optimizers import DPOptimizer
+
+    dataset_size = len(dataset)
+    if dataset_size == 0:
+        raise ValueError("cannot train on an empty dataset")
+    sigma, q, steps = plan.noise_multiplier, plan.sample_rate, plan.steps_per_round
+    if check_budget:
+        after = accountant.epsilon_after(sigma, q, steps, plan.delta)
+        if after > plan.target_epsilon * (1 + 1e-9):
+            raise PrivacyBudgetExceeded(
+                f"another round ({steps} steps at σ={sigma:.4g}, q={q:.4g}) would reach ε={after:.3f} > budget "
+                f"{plan.target_epsilon:g} (δ={plan.delta:g}); spent so far ε={accountant.epsilon(plan.delta):.3f}"
+            )
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    handle = _attach_per_sample_engine(model, engine)
+    optimizer = DPOptimizer(
+        make_optimizer(params, settings, optimizer_kind),
+        noise_multiplier=sigma,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=plan.expected_batch_size,
+        loss_reduction="mean",  # divide the noisy sum by the expected (not realised) batch size
+        generator=torch.Generator(device=device).manual_seed(seed + 1),
+    )
+    optimizer.expected_batch_size = plan.expected_batch_size  # Opacus truncates nothing; keep the float
+    optimizer.attach_step_hook(accountant.optimizer_hook(sigma, q))
+    physical = max_physical_batch_size if max_physical_batch_size > 0 else None
+    model.train()  # Opacus hooks record activations only in train mode
+    total_loss, examples, empty = 0.0, 0, 0
+    try:
+        for indices in PoissonBatches(dataset_size, q, steps, generator):
+            if not indices:
+                empty += 1
+                empty_grad_samples(params)
+                optimizer.signal_skip_step(do_skip=False)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            chunks = [indices] if physical is None else _split(indices, physical)
+            for position, chunk in enumerate(chunks):
+                batch = {k: v.to(device) for k, v in collate([dataset[i] for i in chunk]).items()}
+                loss = per_example_loss_sum(model, batch)
+                with warnings.catch_warnings():  # Opacus' full-backward-hook notice on the first layer
+                    warnings.simplefilter("ignore", UserWarning)
+                    loss.backward()
+                optimizer.signal_skip_step(do_skip=position < len(chunks) - 1)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                total_loss += float(loss.detach())
+                examples += len(chunk)
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        _detach_per_sample_engine(handle, engine)
+        _clear_dp_attributes(params)  # leave plain parameters behind for the next round / evaluation
+    moved = max(float((p.detach() - b).abs().max()) for p, b in zip(params, before, strict=True))
+    if moved == 0.0:
+        raise RuntimeError(
+            "DP-SGD finished but the trainable weights are bit-identical to before (opacus #820 hazard: "
+            "move the model to its device before attaching adapters)"
+        )
+    return DPTrainResult(
+        loss=total_loss / max(examples, 1),
+        num_examples=examples,
+        num_steps=steps,
+        dataset_size=dataset_size,
+        empty_batches=empty,
+        epsilon=accountant.epsilon(plan.delta),
+        noise_multiplier=sigma,
+        sample_rate=q,
+    )
+
+
+def private_gradients(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    engine: str,
+    max_grad_norm: float,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """The DP-SGD gradient of one batch — Σ_i clip(∇L_i) + N(0, σ²C²), divided by E[b] — per trainable
+    parameter, through Opacus' DPOptimizer (model left unchanged). For tests and benchmarks."""
+    from opacus.optimizers import DPOptimizer
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    handle = _attach_per_sample_engine(model, engine)
+    optimizer = DPOptimizer(
+        torch.optim.SGD(params, lr=0.0),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction="mean",
+        generator=torch.Generator().manual_seed(seed),
+    )
+    try:
+        model.train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            per_example_loss_sum(model, batch).backward()
+        optimizer.step()
+        return {n: p.grad.detach().clone() for n, p in named}
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        _detach_per_sample_engine(handle, engine)
+        _clear_dp_attributes(params)
+
+
+def _clear_dp_attributes(params: list[torch.Tensor]) -> None:
+    for p in params:
+        for attr in ("grad_sample", "summed_grad", "_processed"):
+            if hasattr(p, attr):
+                delattr(p, attr)
+
+
+def _split(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i : i + size] for i in range(0, len(indices), size)] or [indices]
+
+
+__all__ = ["DPTrainResult", "ENGINES", "PoissonBatches", "per_example_loss_sum", "private_gradients", "train_private"]
