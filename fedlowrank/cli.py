@@ -173,6 +173,47 @@ def bench_bias(
         console.print(f"wrote {output}/bias.csv, bias.png, accuracy.md, accuracy.csv, bias_summary.md")
 
 
+sweep_app = typer.Typer(no_args_is_help=True, help="Parameter sweeps that run federations (resumable).")
+app.add_typer(sweep_app, name="sweep")
+
+
+@sweep_app.command("privacy")
+def sweep_privacy(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    data_dir: DataDirOption = None,
+    epsilons: Annotated[str, typer.Option(help="Sample-level ε values; 'inf' = no DP.")] = "1,3,6,inf",
+    strategies: Annotated[str, typer.Option(help="Comma-separated strategies.")] = "fedit,ffa,fedsvd",
+    seeds: Annotated[int, typer.Option(help="Number of seeds (0, 1, ..., N-1).")] = 3,
+    output: Annotated[Path, typer.Option(help="Output folder (resumable).")] = Path("runs/sweep-privacy"),
+) -> None:
+    """Accuracy against the privacy budget: strategies x ε x seeds, with a CSV, a table and a plot."""
+    with user_errors(ValueError):
+        base = load_config(config, set_, data_dir, None)
+        _quiet_libraries()
+        from strategies.sweep_privacy import parse_epsilons, run_privacy_sweep
+
+        eps_values = parse_epsilons(epsilons)
+        if seeds < 1:
+            raise ConfigError("--seeds must be >= 1")
+        with Progress(
+            TextColumn("[bold]sweep privacy"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            console=console,
+        ) as progress:
+            task = progress.add_task("", total=len(_csv(strategies)) * len(eps_values) * seeds)
+
+            def advance(done: int, total: int, cell) -> None:
+                progress.update(task, completed=done, description=cell.name)
+
+            run_privacy_sweep(base, _csv(strategies), eps_values, list(range(seeds)), output, on_cell=advance)
+        console.print((output / "privacy.md").read_text())
+        console.print(f"wrote {output}/privacy.csv, privacy.md, privacy.png")
+
+
 @app.command("keys")
 def list_keys() -> None:
     """List every config key with its default value."""

@@ -264,7 +264,7 @@ class RunConfig:
         if self.dp.user_level:
             need(
                 self.weighting == "uniform",
-                "user-level DP bounds each client's influence only with equal weights: set weighting = \"uniform\"",
+                'user-level DP bounds each client\'s influence only with equal weights: set weighting = "uniform"',
             )
 
     # ---- output -------------------------------------------------------------------------------

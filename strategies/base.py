@@ -33,6 +33,7 @@ from strategies.common import (
     weighted_average,
 )
 from strategies.records import record_to_state, state_to_record
+from strategies.user_dp import UserDP
 
 log = logging.getLogger("fedlowrank")
 
@@ -54,6 +55,7 @@ class LoRAStrategy(FedAvg):
         scale: float,
         weighting: str = "num-examples",
         local_head: bool = False,
+        user_dp: UserDP | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__(weighted_by_key=NUM_EXAMPLES, **fedavg_kwargs)
@@ -65,6 +67,7 @@ class LoRAStrategy(FedAvg):
         self.global_state = {k: v.clone() for k, v in initial_state.items()}
         self.folded: dict[str, torch.Tensor] = {}  # Σ of folded products per layer, float64
         self.round_info: dict[str, Any] = {}
+        self.user_dp = user_dp
 
     # ---- what goes down ------------------------------------------------------------------------
     def global_factors(self) -> dict[str, LayerFactors]:
@@ -138,9 +141,15 @@ class LoRAStrategy(FedAvg):
         weights = client_weights([_metric(content, NUM_EXAMPLES) for content in contents], self.weighting)
         previous = self.global_factors()
         clients = [lora_factors(state, fill_from=previous) for state in states]
-        update = self.server_math(RoundInput(clients, weights, previous, server_round))
+        targets = None
+        if self.user_dp is not None:  # the server math sees only the noisy mean of clipped updates
+            states, targets = self.user_dp.privatize(states, self.global_state, clients, previous)
+            clients = [lora_factors(states[0], fill_from=previous)]
+            weights = torch.ones(1, dtype=torch.float64)
+            self.round_info["user_dp_epsilon"] = self.user_dp.ledger.release()
+        update = self.server_math(RoundInput(clients, weights, previous, server_round, targets))
 
-        if not self.spec.local_b:  # FedSA has no global product: its clients report a personalisation gap
+        if not self.spec.local_b and self.user_dp is None:  # FedSA: clients report a personalisation gap
             self.round_info.update(self._bias(clients, weights, previous, update))
         self.global_state.update(factor_state(update.factors))
         # Non-matrix trainables that came up (the shared head, VeRA's λ vectors) are averaged.
@@ -150,6 +159,12 @@ class LoRAStrategy(FedAvg):
             self.folded[layer] = self.folded.get(layer, 0) + fold.to(torch.float64)
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         return self.broadcast_record(), metrics
+
+    def adopt_broadcast(self, arrays: ArrayRecord) -> None:
+        """Take what a wrapper changed in the broadcast (Flower's DP noise) as the new global state."""
+        for key, value in record_to_state(arrays).items():
+            if key in self.global_state:
+                self.global_state[key] = value.to(self.global_state[key].dtype)
 
     def _bias(
         self,

@@ -34,6 +34,9 @@ class RoundInput:
     weights: torch.Tensor  # p_k, float64, sums to one
     previous: dict[str, LayerFactors]  # the global factors the clients started from
     server_round: int
+    # M* = Σ p_k B_k A_k per layer when it cannot be formed from ``clients`` (user-level DP releases a
+    # noisy M* alongside the noisy mean factors); None: computed from the clients.
+    target_products: dict[str, torch.Tensor] | None = None
 
 
 @dataclass

@@ -24,9 +24,14 @@ from strategies.fedit import average_factors
 SPEC = MethodSpec(name="lora-fair")
 
 
-def _low_rank_terms(clients: list[LayerFactors], weights: torch.Tensor, a_bar: torch.Tensor):
-    """(M*Āᵀ, ĀĀᵀ, ‖M*‖_F) in float64 without the dense M*."""
+def _low_rank_terms(
+    clients: list[LayerFactors], weights: torch.Tensor, a_bar: torch.Tensor, target: torch.Tensor | None = None
+):
+    """(M*Āᵀ, ĀĀᵀ, ‖M*‖_F) in float64 without the dense M* (or from a given dense M*)."""
     a_bar = a_bar.to(torch.float64)
+    if target is not None:
+        target = target.to(torch.float64)
+        return target @ a_bar.T, a_bar @ a_bar.T, torch.linalg.matrix_norm(target)
     target_at = sum(
         float(w) * c.B.to(torch.float64) @ (c.A.to(torch.float64) @ a_bar.T)
         for w, c in zip(weights, clients, strict=True)
@@ -37,10 +42,15 @@ def _low_rank_terms(clients: list[LayerFactors], weights: torch.Tensor, a_bar: t
 
 
 def ridge_correction(
-    clients: list[LayerFactors], weights: torch.Tensor, a_bar: torch.Tensor, b_bar: torch.Tensor, lam: float
+    clients: list[LayerFactors],
+    weights: torch.Tensor,
+    a_bar: torch.Tensor,
+    b_bar: torch.Tensor,
+    lam: float,
+    target: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """B̄' = (M*Āᵀ + λB̄)(ĀĀᵀ + λI)⁻¹, float64."""
-    target_at, gram, _ = _low_rank_terms(clients, weights, a_bar)
+    target_at, gram, _ = _low_rank_terms(clients, weights, a_bar, target)
     rhs = target_at + lam * b_bar.to(torch.float64)
     system = gram + lam * torch.eye(gram.shape[0], dtype=torch.float64)
     # B' · system = rhs  <=>  systemᵀ · B'ᵀ = rhsᵀ (system is symmetric)
@@ -69,9 +79,10 @@ def iterative_correction(
     lam: float,
     iterations: int = 300,
     lr: float = 0.01,
+    target: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The paper's solver: Adam on ΔB from zero, flattened cosine plus λ‖ΔB‖²."""
-    target_at, gram, target_norm = _low_rank_terms(clients, weights, a_bar)
+    target_at, gram, target_norm = _low_rank_terms(clients, weights, a_bar, target)
     b_bar64 = b_bar.to(torch.float64)
     if float(target_norm) == 0.0:
         return b_bar64
@@ -98,10 +109,11 @@ def server_update(
     factors = {}
     for layer, pair in averaged.items():
         clients = [client[layer] for client in inputs.clients]
+        target = inputs.target_products.get(layer) if inputs.target_products else None
         if solver == "closed-form":
-            b_new = ridge_correction(clients, inputs.weights, pair.A, pair.B, lam)
+            b_new = ridge_correction(clients, inputs.weights, pair.A, pair.B, lam, target)
         elif solver == "iterative":
-            b_new = iterative_correction(clients, inputs.weights, pair.A, pair.B, lam, iterations, lr)
+            b_new = iterative_correction(clients, inputs.weights, pair.A, pair.B, lam, iterations, lr, target)
         else:
             raise ValueError(f"unknown LoRA-FAIR solver {solver!r}")
         factors[layer] = LayerFactors(A=pair.A, B=b_new.to(pair.B.dtype))

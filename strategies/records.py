@@ -9,7 +9,8 @@ from flwr.app import ArrayRecord
 def state_to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
     # fp32: ArrayRecord goes through numpy, which has no bfloat16 (flower.md pitfall 1). float64 stays
     # float64 (privacy accountant histories in client state must not lose precision).
-    return ArrayRecord({k: v.detach().to("cpu", _wire_dtype(v)) for k, v in state.items()})
+    # Sorted keys: Flower's DP wrappers pair reply and broadcast arrays by position.
+    return ArrayRecord({k: state[k].detach().to("cpu", _wire_dtype(state[k])) for k in sorted(state)})
 
 
 def _wire_dtype(tensor: torch.Tensor) -> torch.dtype:

@@ -8,9 +8,11 @@ import torch
 
 from fedlowrank.adapters import lora_scale
 from fedlowrank.config import ConfigError, RunConfig
+from fedlowrank.privacy.user_level import UserLevelLedger
 from strategies import fedex, fedit, fedsa, fedsvd, ffa, flexlora, flora, lora_fair
 from strategies.base import LoRAStrategy
 from strategies.common import MethodSpec, ServerMath
+from strategies.user_dp import FLOWER_WRAPPED, OWN_MECHANISM, FlowerUserDP, UserDP
 
 
 def _methods(config: RunConfig) -> dict[str, tuple[MethodSpec, ServerMath]]:
@@ -73,13 +75,38 @@ def method_spec(config: RunConfig) -> MethodSpec:
 
 
 def build_strategy(config: RunConfig, initial_state: dict[str, torch.Tensor]) -> LoRAStrategy:
-    spec, server_math = _methods(config)[canonical_name(config.strategy)]
-    return LoRAStrategy(
+    """The method's ``LoRAStrategy``; with user-level DP, wrapped by Flower's DP wrapper or given the
+    equivalent mechanism (strategies/user_dp.py)."""
+    name = canonical_name(config.strategy)
+    spec, server_math = _methods(config)[name]
+    dp = config.dp
+    own_mechanism = None
+    if dp.user_level:
+        if name not in FLOWER_WRAPPED + OWN_MECHANISM:
+            raise ConfigError(
+                f"user-level DP is available for {', '.join(FLOWER_WRAPPED + OWN_MECHANISM)}, not {name!r}"
+            )
+        # No amplification from client sampling is claimed: FedAvg's sampling is neither secret nor Poisson.
+        ledger = UserLevelLedger(dp.user_noise_multiplier, 1.0, dp.user_delta, dp.accountant)
+        if name in OWN_MECHANISM:
+            own_mechanism = UserDP(
+                dp.user_noise_multiplier,
+                dp.user_clip_norm,
+                ledger,
+                with_products=name == "lora-fair",
+                generator=torch.Generator().manual_seed(config.seed),
+            )
+    strategy = LoRAStrategy(
         spec,
         server_math,
         initial_state=initial_state,
         scale=lora_scale(config.lora),
         weighting=config.weighting,
         local_head=config.method.fedsa_local_head and config.lora.train_head,
+        user_dp=own_mechanism,
         **sampling_kwargs(config),
     )
+    if dp.user_level and own_mechanism is None:
+        sampled = sampling_kwargs(config)["min_train_nodes"]
+        return FlowerUserDP(strategy, dp.user_noise_multiplier, dp.user_clip_norm, sampled, ledger)
+    return strategy

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -365,7 +366,7 @@ def test_federated_dp_run_keeps_a_per_client_ledger_and_records_refusals(tiny_co
         }
     )
     summary = run_inprocess(config)
-    rows = [json.loads(line) for line in open(f"{config.output_dir}/dp-ledger/metrics.jsonl")]
+    rows = [json.loads(line) for line in (Path(config.output_dir) / "dp-ledger" / "metrics.jsonl").open()]
     ledger = [row["dp_epsilon_per_client"] for row in rows]
     for r in range(k):  # composed over rounds, never reset
         assert ledger[r][str(big)] == pytest.approx(eps(sizes[big], r + 1), rel=1e-9)
@@ -375,3 +376,103 @@ def test_federated_dp_run_keeps_a_per_client_ledger_and_records_refusals(tiny_co
     assert rows[k]["stopped"] == "privacy budget exhausted" and len(rows) == k + 1
     assert max(max(entry.values()) for entry in ledger) <= budget
     assert summary["dp_epsilon_max"] == pytest.approx(max(eps(sizes[big], k), eps(sizes[small], 1)), rel=1e-9)
+
+
+# ---- user-level DP ---------------------------------------------------------------------------------
+def test_noisy_mean_clips_jointly_and_has_the_dp_fedavg_noise_scale():
+    from fedlowrank.privacy.user_level import clip_update, noisy_mean
+
+    gen = torch.Generator().manual_seed(0)
+    updates = [{"a": torch.randn(30, 20, generator=gen) * s, "b": torch.randn(50, generator=gen)} for s in (0.01, 5)]
+    clipped, norm = clip_update(updates[1], 2.0)
+    joint = math.sqrt(sum(float(t.double().pow(2).sum()) for t in clipped.values()))
+    assert norm > 2.0 and joint == pytest.approx(2.0, rel=1e-6)
+    small, _ = clip_update(updates[0], 1e3)
+    assert all(torch.equal(small[k], updates[0][k]) for k in small)  # under the bound: untouched
+    clean, norms = noisy_mean(updates, 2.0, 0.0)
+    expected = {k: (clip_update(updates[0], 2.0)[0][k].double() + clipped[k].double()) / 2 for k in clean}
+    for key in clean:
+        torch.testing.assert_close(clean[key], expected[key])
+    noisy, _ = noisy_mean(updates * 50, 2.0, 3.0, torch.Generator().manual_seed(1))
+    clean100, _ = noisy_mean(updates * 50, 2.0, 0.0)
+    noise = torch.cat([(noisy[k] - clean100[k]).flatten() for k in noisy])
+    assert noise.std().item() == pytest.approx(3.0 * 2.0 / 100, rel=0.05)
+
+
+def test_user_level_epsilon_is_the_composed_gaussian_mechanism():
+    from fedlowrank.privacy.user_level import UserLevelLedger
+
+    ledger = UserLevelLedger(noise_multiplier=1.0, sample_rate=1.0, delta=1e-5)
+    eps = [ledger.release() for _ in range(4)]
+    assert eps == sorted(eps) and eps[0] > 0
+    # R Gaussian mechanisms of multiplier z compose exactly to one of multiplier z/√R
+    assert eps[3] == pytest.approx(PrivacyAccountant("prv", [Step(0.5, 1.0, 1)]).epsilon(1e-5), rel=0.02)
+    assert eps[3] == pytest.approx(pld_epsilon([Step(1.0, 1.0, 4)], 1e-5), rel=0.03)
+
+
+def test_fedsvd_user_dp_equals_fedsvd_math_on_the_noisy_mean_of_clipped_b():
+    from fedlowrank.adapters import LayerFactors
+    from fedlowrank.privacy.user_level import UserLevelLedger
+    from strategies import fedsvd
+    from strategies.common import RoundInput
+    from strategies.user_dp import UserDP
+
+    gen = torch.Generator().manual_seed(3)
+    layer, d_out, d_in, r = "layer.q", 12, 10, 3
+    prev = {
+        layer: LayerFactors(
+            A=torch.linalg.qr(torch.randn(d_in, r, generator=gen))[0].T.contiguous(),
+            B=torch.randn(d_out, r, generator=gen),
+        )
+    }
+    key = f"{layer}.lora_B.weight"
+    broadcast = {key: prev[layer].B.clone()}
+    states = [{key: prev[layer].B + s * torch.randn(d_out, r, generator=gen)} for s in (0.1, 3.0, 0.5)]
+    clients = [{layer: LayerFactors(A=prev[layer].A, B=s[key])} for s in states]
+    mech = UserDP(0.0, 1.0, UserLevelLedger(1.0, 1.0, 1e-5))
+    pseudo, targets = mech.privatize(states, broadcast, clients, prev)
+    assert targets is None
+    mean = (
+        sum(
+            prev[layer].B + (s[key] - prev[layer].B) * min(1.0, 1.0 / float((s[key] - prev[layer].B).norm()))
+            for s in states
+        )
+        / 3
+    )
+    torch.testing.assert_close(pseudo[0][key], mean, rtol=1e-6, atol=1e-6)
+    update = fedsvd.server_update(
+        RoundInput(
+            [{layer: LayerFactors(A=prev[layer].A, B=pseudo[0][key])}], torch.ones(1, dtype=torch.float64), prev, 1
+        )
+    )
+    new = update.factors[layer]
+    torch.testing.assert_close((new.B @ new.A).double(), (mean @ prev[layer].A).double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["fedit", "fedsvd", "lora-fair"])
+def test_user_level_dp_runs_end_to_end_and_accounts_every_round(tiny_config, strategy):
+    from strategies.simulation import run_inprocess
+
+    config = tiny_config(
+        **{
+            "strategy": strategy,
+            "weighting": "uniform",
+            "dp.user-noise-multiplier": 1.0,
+            "dp.user-clip-norm": 0.5,
+            "name": f"udp-{strategy}",
+        }
+    )
+    run_inprocess(config)
+    rows = [json.loads(line) for line in (Path(config.output_dir) / config.name / "metrics.jsonl").open()]
+    eps = [row["user_dp_epsilon"] for row in rows]
+    assert len(eps) == 2 and 0 < eps[0] < eps[1]
+    assert eps[1] == pytest.approx(pld_epsilon([Step(1.0, 1.0, 2)], 1e-5), rel=0.03)
+    assert rows[-1]["test_accuracy"] is not None
+
+
+def test_user_level_dp_refuses_strategies_without_a_mechanism(tiny_config):
+    from strategies.registry import build_strategy
+
+    config = tiny_config(**{"strategy": "fedex", "weighting": "uniform", "dp.user-noise-multiplier": 1.0})
+    with pytest.raises(ConfigError, match="user-level DP is available for"):
+        build_strategy(config, {})

@@ -139,7 +139,7 @@ class MultiLoRAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, A, B, client_index, scale, backend="auto"):  # noqa: D102
+    def forward(ctx, x, A, B, client_index, scale, backend="auto"):
         on_triton = uses_triton(backend, x, A, B, rank=A.shape[1])
         if on_triton:
             _check_index(client_index, A.shape[0])
@@ -156,7 +156,7 @@ class MultiLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):  # noqa: D102
+    def backward(ctx, grad_out):
         x, A, B, client_index, h = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         if ctx.on_triton:

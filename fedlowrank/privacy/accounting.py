@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 ACCOUNTANTS = ("prv", "rdp")
@@ -98,8 +99,10 @@ def opacus_epsilon(history: Sequence[Step], delta: float, kind: str = "prv") -> 
 
     accountant = create_accountant(mechanism=kind)
     accountant.history = [(s.noise_multiplier, s.sample_rate, s.count) for s in history]
-    with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha": the bound stays valid
+    # RDP's "optimal order is the largest alpha" and PRV's log(1 - q) at q = 1: the bounds stay valid
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):
         warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
         return float(accountant.get_epsilon(delta=delta))
 
 
@@ -128,8 +131,9 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     if steps < 1:
         raise ValueError("cannot calibrate noise for zero steps")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):
         warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
         sigma = float(
             get_noise_multiplier(
                 target_epsilon=target_epsilon,
