@@ -5,8 +5,8 @@ accountant sees is exactly the one the sampler uses:
 - Poisson sampling at q = b / n_k (``PoissonBatches``); an empty batch still takes its noise-only step;
 - per-sample gradients from Opacus' hooks (``engine="hooks"``) or the fused LoRA path (``"fused"``);
 - Opacus ``DPOptimizer`` clips (flat, C), adds N(0, σ²C²) and divides by the *expected* batch size;
-- logical batches larger than ``max_physical_batch_size`` are split as Opacus' BatchMemoryManager does
-  (``signal_skip_step``), so memory stays bounded without changing the mechanism;
+- logical batches larger than ``max_physical_batch_size`` are split by Opacus' ``BatchMemoryManager``,
+  so memory stays bounded without changing the mechanism;
 - the client's ``PrivacyAccountant`` (restored from its persistent state) is stepped once per noisy step.
 Hooks are removed at the end of every round (adding them twice fails in round 2) and the adapters are
 checked to have moved (the silent no-update hazard, opacus #820).
@@ -14,13 +14,15 @@ checked to have moved (the silent no-update hazard, opacus #820).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from fedlowrank.config import TrainSettings
 from fedlowrank.privacy.accounting import ClientDPPlan, PrivacyAccountant, PrivacyBudgetExceeded
@@ -129,30 +131,35 @@ def train_private(
     )
     optimizer.expected_batch_size = plan.expected_batch_size  # Opacus truncates nothing; keep the float
     optimizer.attach_step_hook(accountant.optimizer_hook(sigma, q))
-    physical = max_physical_batch_size if max_physical_batch_size > 0 else None
+    loader = DataLoader(
+        dataset,
+        batch_sampler=PoissonBatches(dataset_size, q, steps, generator),
+        collate_fn=lambda rows: collate(rows) if rows else None,  # None: an empty Poisson batch
+    )
     model.train()  # Opacus hooks record activations only in train mode
     total_loss, examples, empty = 0.0, 0, 0
     try:
-        for indices in PoissonBatches(dataset_size, q, steps, generator):
-            if not indices:
-                empty += 1
-                empty_grad_samples(params)
-                optimizer.signal_skip_step(do_skip=False)
-                optimizer.step()
+        with contextlib.ExitStack() as stack:
+            if max_physical_batch_size > 0:  # Opacus splits logical batches and defers the step to the last part
+                loader = stack.enter_context(
+                    BatchMemoryManager(
+                        data_loader=loader, max_physical_batch_size=max_physical_batch_size, optimizer=optimizer
+                    )
+                )
+            for batch in loader:
+                if batch is None:
+                    empty += 1
+                    empty_grad_samples(params)
+                else:
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    loss = per_example_loss_sum(model, batch)
+                    with warnings.catch_warnings():  # Opacus' full-backward-hook notice on the first layer
+                        warnings.simplefilter("ignore", UserWarning)
+                        loss.backward()
+                    total_loss += float(loss.detach())
+                    examples += int(batch["labels"].shape[0])
+                optimizer.step()  # a noisy, accounted step (deferred while a split logical batch goes on)
                 optimizer.zero_grad(set_to_none=True)
-                continue
-            chunks = [indices] if physical is None else _split(indices, physical)
-            for position, chunk in enumerate(chunks):
-                batch = {k: v.to(device) for k, v in collate([dataset[i] for i in chunk]).items()}
-                loss = per_example_loss_sum(model, batch)
-                with warnings.catch_warnings():  # Opacus' full-backward-hook notice on the first layer
-                    warnings.simplefilter("ignore", UserWarning)
-                    loss.backward()
-                optimizer.signal_skip_step(do_skip=position < len(chunks) - 1)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                total_loss += float(loss.detach())
-                examples += len(chunk)
     finally:
         optimizer.zero_grad(set_to_none=True)
         _detach_per_sample_engine(handle, engine)
@@ -218,10 +225,6 @@ def _clear_dp_attributes(params: list[torch.Tensor]) -> None:
         for attr in ("grad_sample", "summed_grad", "_processed"):
             if hasattr(p, attr):
                 delattr(p, attr)
-
-
-def _split(indices: list[int], size: int) -> list[list[int]]:
-    return [indices[i : i + size] for i in range(0, len(indices), size)] or [indices]
 
 
 __all__ = ["DPTrainResult", "ENGINES", "PoissonBatches", "per_example_loss_sum", "private_gradients", "train_private"]
