@@ -476,3 +476,39 @@ def test_user_level_dp_refuses_strategies_without_a_mechanism(tiny_config):
     config = tiny_config(**{"strategy": "fedex", "weighting": "uniform", "dp.user-noise-multiplier": 1.0})
     with pytest.raises(ConfigError, match="user-level DP is available for"):
         build_strategy(config, {})
+
+
+@pytest.mark.parametrize("engine", ["hooks", "fused"])
+def test_dp_trains_only_what_the_strategy_trains(workspace, engine):
+    """FFA-LoRA / FedSVD: B (and the head) get private updates, A stays bit-identical and gets no noise."""
+    set_trainable(workspace.model, lora_a=False, lora_b=True, head=True)
+    small = workspace.client_train_dataset(0).select(range(12))
+    plan = plan_client(
+        dataset_size=12,
+        batch_size=4,
+        local_steps=3,
+        local_epochs=1,
+        num_rounds=1,
+        fraction_train=1.0,
+        target_epsilon=50.0,
+        delta=1e-5,
+        noise_multiplier=1.0,
+    )
+    before = adapter_state(workspace.model)
+    train_private(
+        workspace.model,
+        small,
+        workspace.collator,
+        TrainSettings(lr=0.05),
+        plan,
+        PrivacyAccountant(),
+        max_grad_norm=1.0,
+        engine=engine,
+        optimizer_kind="sgd",
+        seed=4,
+    )
+    after = adapter_state(workspace.model)
+    for key in after:
+        changed = not torch.equal(after[key], before[key])
+        assert changed == ("lora_A" not in key), key
+    set_trainable(workspace.model, lora_a=True, lora_b=True, head=True)
