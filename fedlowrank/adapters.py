@@ -294,3 +294,37 @@ def count_parameters(model: torch.nn.Module) -> ParameterCount:
         total=sum(p.numel() for p in model.parameters()),
         trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
     )
+
+
+def client_rank(ranks: list[int], partition_id: int, default: int) -> int:
+    """Client ``partition_id``'s LoRA rank under heterogeneous ranks (cycled over the list), else ``default``."""
+    return ranks[partition_id % len(ranks)] if ranks else default
+
+
+@torch.no_grad()
+def restrict_rank(model: PeftModel, rank: int) -> None:
+    """Keep only the leading ``rank`` components of every LoRA layer (zero A's other rows, B's other columns).
+
+    The zeroed components get zero gradients (their B columns and A rows are both zero), so training keeps
+    the adapter at rank ``rank``: a rank-r_k client inside the shared rank-r model.
+    """
+    for name, param in model.named_parameters():
+        role = key_role(name)
+        if role == "A" and param.dim() == 2:
+            param[rank:].zero_()
+        elif role == "B" and param.dim() == 2:
+            param[:, rank:].zero_()
+
+
+def slice_rank(state: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """The leading ``rank`` components of every LoRA factor in ``state`` (what a rank-r_k client uploads)."""
+    out = {}
+    for key, value in state.items():
+        role = key_role(key)
+        if role == "A" and value.dim() == 2:
+            out[key] = value[:rank].contiguous()
+        elif role == "B" and value.dim() == 2:
+            out[key] = value[:, :rank].contiguous()
+        else:
+            out[key] = value
+    return out

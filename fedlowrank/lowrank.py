@@ -16,7 +16,8 @@ def refactorize_product(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor,
     dtype = B.dtype
     q_b, r_b = torch.linalg.qr(B.to(torch.float64))
     q_a, r_a = torch.linalg.qr(A.to(torch.float64).T)
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    # full_matrices=False: a stacked rank above min(d_out, d_in) leaves a rectangular core
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
     B_new = (q_b @ u) * s
     A_new = (q_a @ vh.T).T
     return B_new.to(dtype), A_new.to(dtype)
@@ -42,3 +43,21 @@ def truncated_svd_of_sum(
     B_full, A_full = refactorize_product(*stacked_factors(products, weights))
     dtype = products[0][0].dtype
     return B_full[:, :rank].to(dtype).contiguous(), A_full[:rank].to(dtype).contiguous()
+
+
+def pad_rank(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad a rank-r_k pair to ``rank`` (B gains zero columns, A zero rows): the product is unchanged."""
+    r_k = A.shape[0]
+    if r_k > rank:
+        raise ValueError(f"factors of rank {r_k} exceed the global rank {rank}")
+    if r_k == rank:
+        return B, A
+    return (
+        torch.cat([B, B.new_zeros(B.shape[0], rank - r_k)], dim=1),
+        torch.cat([A, A.new_zeros(rank - r_k, A.shape[1])], dim=0),
+    )
+
+
+def truncate_rank(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The leading ``rank`` components (B[:, :r_k], A[:r_k]): a client's share of a rank-r broadcast."""
+    return B[:, :rank].contiguous(), A[:rank].contiguous()

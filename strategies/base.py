@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlowrank.adapters import RESIDUAL_SUFFIX, LayerFactors, extra_keys, factor_state, key_role, lora_factors
+from fedlowrank.lowrank import pad_rank
 from fedlowrank.metrics import layer_bias, product, summarize
 from strategies.common import (
     MethodSpec,
@@ -140,7 +141,11 @@ class LoRAStrategy(FedAvg):
         states = [record_to_state(content[self.arrayrecord_key]) for content in contents]
         weights = client_weights([_metric(content, NUM_EXAMPLES) for content in contents], self.weighting)
         previous = self.global_factors()
-        clients = [lora_factors(state, fill_from=previous) for state in states]
+        # Clients of a smaller rank r_k (heterogeneous ranks) upload r_k components: zero-pad them back.
+        clients = [
+            {layer: LayerFactors(*_padded(pair, previous[layer])) for layer, pair in client.items()}
+            for client in (lora_factors(state, fill_from=previous) for state in states)
+        ]
         targets = None
         if self.user_dp is not None:  # the server math sees only the noisy mean of clipped updates
             states, targets = self.user_dp.privatize(states, self.global_state, clients, previous)
@@ -189,6 +194,12 @@ class LoRAStrategy(FedAvg):
             "bias_rel_per_layer": per_layer,
             "bias_round_rel_per_layer": per_layer_round,
         }
+
+
+def _padded(pair: LayerFactors, reference: LayerFactors) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) at the global rank (LayerFactors' field order)."""
+    b, a = pad_rank(pair.B, pair.A, reference.A.shape[0])
+    return a, b
 
 
 def is_refusal(message: Message) -> bool:

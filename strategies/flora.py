@@ -3,7 +3,8 @@
 [B_1 … B_K]·[p_1 A_1; …; p_K A_K] = Σ_k p_k B_k A_k = M*, so merging the stack into the frozen weight
 (W0 ← W0 + s·M*) is exact. Every round the clients then get a fresh adapter: A re-drawn from the run seed
 and the round (peft's kaiming-uniform bound 1/√d_in), B = 0. Downlink: the merged residual plus the fresh
-A (B is zero). Ranks are homogeneous here (heterogeneous client ranks are not supported yet).
+A (B is zero). Heterogeneous ranks (``lora.client-ranks``): a rank-r_k client trains and uploads the leading
+r_k components; the server zero-pads them, so the stack is still exactly Σ_k p_k B_k A_k.
 """
 
 from __future__ import annotations
