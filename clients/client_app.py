@@ -15,14 +15,24 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlowrank.adapters import adapter_state, load_adapter_state, lora_factors, select_roles, set_trainable
+from fedlowrank.adapters import (
+    adapter_state,
+    client_rank,
+    load_adapter_state,
+    lora_factors,
+    restrict_rank,
+    select_roles,
+    set_trainable,
+    slice_rank,
+)
 from fedlowrank.config import ConfigError, RunConfig
+from fedlowrank.galore_setup import PROJECTED_SUFFIX, fed_galore_client_train, fed_galore_modules
 from fedlowrank.metrics import personalization_gap
 from fedlowrank.privacy.accounting import PrivacyAccountant, PrivacyBudgetExceeded, plan_client
 from fedlowrank.privacy.dp_sgd import train_private
 from fedlowrank.runtime import Workspace, get_workspace
 from fedlowrank.state import ClientStateStore, DiskStateStore
-from fedlowrank.training import evaluate, train_local
+from fedlowrank.training import TrainResult, evaluate, train_local
 from strategies.common import a_checksum
 from strategies.records import record_to_state, state_to_record
 
@@ -102,7 +112,11 @@ class ClientRound:
         roles = [role for role, flag in (("A", "upload-a"), ("B", "upload-b")) if self.flags.get(flag, True)]
         if self.flags.get("upload-head", True) and self.config.lora.train_head:
             roles.append("head")
-        return select_roles(state, *roles)
+        return slice_rank(select_roles(state, *roles), self.rank)  # a rank-r_k client sends r_k components
+
+    @property
+    def rank(self) -> int:
+        return client_rank(self.config.lora.client_ranks, self.pid, self.config.lora.r)
 
 
 def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
@@ -111,50 +125,39 @@ def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        job = ClientRound(message, context, bound_config)
+        job, seed = start_train(message, context, bound_config)
         config, model = job.config, job.workspace.model
-        server_round = int(job.flags["server-round"])
-        set_trainable(
-            model,
-            lora_a=bool(job.flags.get("train-a", True)),
-            lora_b=bool(job.flags.get("train-b", True)),
-            head=config.lora.train_head,
-        )
-        seed = client_seed(config, server_round, job.pid)
         started = time.perf_counter()
         dp_metrics: dict[str, float] = {}
+        projected: dict[str, torch.Tensor] = {}
         if config.dp.sample_level:
             try:
                 result, dp_metrics = _train_private(job, seed)
             except PrivacyBudgetExceeded as refusal:
                 return _refusal(message, job, str(refusal))
+        elif job.flags.get("fed-galore"):
+            # Full base weights on the round's shared basis; only down(ΔW) per layer (and the head) go up.
+            result, projected = fed_galore_client_train(
+                model,
+                job.workspace.client_train_loader(job.pid, seed),
+                config.train,
+                config.galore,
+                fed_galore_modules(config.galore, config.lora.target_modules),
+                basis_seed=int(job.flags["galore-seed"]),
+                server_round=int(job.flags["server-round"]),
+                seed=seed,
+            )
         else:
             result = train_local(
-                model, job.workspace.client_train_loader(job.pid, seed), config.train, config.optimizer, seed=seed
+                model,
+                job.workspace.client_train_loader(job.pid, seed),
+                config.train,
+                config.optimizer,
+                seed=seed,
+                galore=config.galore,
             )
         elapsed = time.perf_counter() - started
-        state = adapter_state(model)
-        if job.flags.get("local-b"):
-            job.store.save(job.client_key, LOCAL_ADAPTER, job.local_keys(state))
-            job.store.save(job.client_key, LAST_TRAINED_A, select_roles(state, "A"))
-        content = RecordDict(
-            {
-                "arrays": state_to_record(job.upload(state)),
-                "metrics": MetricRecord(
-                    {
-                        "num-examples": result.dataset_size,
-                        "train-loss": result.loss,
-                        "num-steps": result.num_steps,
-                        "train-time": elapsed,
-                        "partition-id": job.pid,
-                        **dp_metrics,
-                    }
-                ),
-            }
-        )
-        if job.flags.get("check-shared-a"):
-            content["client-info"] = ConfigRecord({"a-checksum": a_checksum(state)})
-        return Message(content, reply_to=message)
+        return finish_train(message, job, adapter_state(model), result, elapsed, dp_metrics, projected)
 
     @app.evaluate()
     def evaluate_on_validation(message: Message, context: Context) -> Message:
@@ -176,6 +179,81 @@ def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
         return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=message)
 
     return app
+
+
+def start_train(message: Message, context: Context, bound: RunConfig | None) -> tuple[ClientRound, int]:
+    """Set the shared model to this client's starting adapter and mark what trains; returns the job and seed."""
+    job = ClientRound(message, context, bound)
+    config, model = job.config, job.workspace.model
+    set_trainable(
+        model,
+        lora_a=bool(job.flags.get("train-a", True)),
+        lora_b=bool(job.flags.get("train-b", True)),
+        head=config.lora.train_head,
+    )
+    if job.rank < config.lora.r:  # heterogeneous ranks: this client's adapter is the leading r_k components
+        restrict_rank(model, job.rank)
+    return job, client_seed(config, int(job.flags["server-round"]), job.pid)
+
+
+def finish_train(
+    message: Message,
+    job: ClientRound,
+    state: dict[str, torch.Tensor],
+    result: TrainResult,
+    elapsed: float,
+    extra_metrics: dict[str, float] | None = None,
+    projected: dict[str, torch.Tensor] | None = None,
+) -> Message:
+    """The reply for a trained adapter ``state``: keep this client's own parts, upload the rest."""
+    if job.flags.get("local-b"):
+        job.store.save(job.client_key, LOCAL_ADAPTER, job.local_keys(state))
+        job.store.save(job.client_key, LAST_TRAINED_A, select_roles(state, "A"))
+    upload = job.upload(state)
+    if projected:
+        upload.update({f"{layer}{PROJECTED_SUFFIX}": low for layer, low in projected.items()})
+    metrics = {
+        "num-examples": result.dataset_size,
+        "train-loss": result.loss,
+        "num-steps": result.num_steps,
+        "train-time": elapsed,
+        "partition-id": job.pid,
+        **(extra_metrics or {}),
+    }
+    content = RecordDict({"arrays": state_to_record(upload), "metrics": MetricRecord(metrics)})
+    if job.flags.get("check-shared-a"):
+        content["client-info"] = ConfigRecord({"a-checksum": a_checksum(state)})
+    return Message(content, reply_to=message)
+
+
+def batched_training_applies(config: RunConfig, flags: dict) -> bool:
+    """Rounds the batched engine covers: plain LoRA training with AdamW or SGD (not DP, GaLore, fed-galore)."""
+    return not config.dp.sample_level and config.optimizer in ("adamw", "sgd") and not flags.get("fed-galore")
+
+
+def train_batch(messages: list[Message], contexts: list[Context], bound: RunConfig | None) -> list[Message]:
+    """Train several clients' messages together on the shared base (``fedlowrank.engine``); the replies are
+    the ones ``train`` would give. Falls back to one-by-one training where the engine does not apply."""
+    from fedlowrank.engine import ClientJob, train_batched
+
+    config = resolve_config(contexts[0], bound)
+    if not batched_training_applies(config, dict(messages[0].content["config"])):
+        app = make_client_app(bound)
+        return [app(message, context) for message, context in zip(messages, contexts, strict=True)]
+    jobs, work = [], []
+    for message, context in zip(messages, contexts, strict=True):
+        job, seed = start_train(message, context, bound)  # sets the shared model to this client's start
+        jobs.append(job)
+        work.append(
+            ClientJob(adapter_state(job.workspace.model), job.workspace.client_train_loader(job.pid, seed), seed)
+        )
+    started = time.perf_counter()
+    trained = train_batched(jobs[0].workspace.model, work, config.train, config.optimizer)
+    elapsed = (time.perf_counter() - started) / len(jobs)  # the wave's time, shared out
+    return [
+        finish_train(message, job, state, result, elapsed)
+        for message, job, (state, result) in zip(messages, jobs, trained, strict=True)
+    ]
 
 
 def _train_private(job: ClientRound, seed: int):

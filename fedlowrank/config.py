@@ -24,6 +24,9 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message says what to change."""
 
 
+OPTIMIZERS = ("adamw", "sgd", "galore")
+
+
 @dataclass
 class LoraSettings:
     # "lora", or "vera" (shared frozen random projections from the seed; trains λ_d (A side) and λ_b (B side)).
@@ -37,6 +40,9 @@ class LoraSettings:
     init: str = "default"
     # Train the task head (classifier) alongside the adapters. It is sent and aggregated like the factors.
     train_head: bool = True
+    # Heterogeneous client ranks (FLoRA, FlexLoRA): client k trains rank client-ranks[k mod len] <= r (the
+    # leading components of the rank-r adapter) and uploads only those. Empty: every client uses r.
+    client_ranks: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -133,6 +139,34 @@ class DPSettings:
 
 
 @dataclass
+class GaLoreSettings:
+    """GaLore (``optimizer = "galore"``: GaLoreAdamW in clients and centralized training) and the
+    ``fed-galore`` strategy. See README ("GaLore")."""
+
+    # Rank r of the projected gradient / moments (and of fed-galore's uploads: r x n per weight).
+    rank: int = 4
+    # Refresh the basis every this many local steps (0: never after the first). fed-galore fixes it per round.
+    update_gap: int = 200
+    # GaLore's α: the projected update is scaled by it.
+    scale: float = 0.25
+    # Learning rate of the GaLore-projected weights (0: train.lr). Full weights usually want less than the
+    # LoRA factors and the new head, which keep train.lr.
+    lr: float = 0.0
+    # "svd", "randomized-svd", "gaussian", "dct" or "identity" (fed-galore: "gaussian", from the seed).
+    projector: str = "svd"
+    # What the moments do when the basis changes: "keep", "reset" or "rotate".
+    moment_policy: str = "keep"
+    # Which trainable 2-D weights get GaLore (peft-style names: "query", "re:<regex>"; a LoRA factor belongs
+    # to the layer it adapts). Empty: all of them (LoRA factors and train-modules weights), the head excepted.
+    target_modules: list[str] = field(default_factory=list)
+    # Base weights to unfreeze and train in full (modules that LoRA wraps, i.e. in lora.target-modules).
+    # fed-galore trains these (empty: all of lora.target-modules) and freezes the LoRA factors.
+    train_modules: list[str] = field(default_factory=list)
+    # Give the classifier head GaLore too (it is tiny: by default it gets plain AdamW).
+    include_head: bool = False
+
+
+@dataclass
 class RunConfig:
     name: str = "default"
     strategy: str = "fedit"
@@ -146,7 +180,7 @@ class RunConfig:
     dataset: str = "trec"
     # Folder with local dataset copies (<data-dir>/<dataset>/train.csv ...); empty: $FEDLOWRANK_DATA.
     data_dir: str = ""
-    # "adamw" or "sgd".
+    # "adamw", "sgd", or "galore" (GaLoreAdamW, settings in [galore]).
     optimizer: str = "adamw"
     # How clients are weighted in aggregation: "num-examples" or "uniform".
     weighting: str = "num-examples"
@@ -157,11 +191,17 @@ class RunConfig:
     server_eval_every: int = 1
     # How long the server waits for num-clients nodes to connect before it stops with an error.
     node_wait_seconds: float = 120.0
+    # Local training in `fedlowrank simulate`: "sequential" (the ClientApp per client) or "batched" (the
+    # sampled clients of a round in one forward/backward per step on the shared base; fedlowrank.engine).
+    engine: str = "sequential"
+    # Batched engine: at most this many clients per wave (0: all sampled clients at once).
+    engine_wave_size: int = 0
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     method: MethodSettings = field(default_factory=MethodSettings)
     dp: DPSettings = field(default_factory=DPSettings)
+    galore: GaLoreSettings = field(default_factory=GaLoreSettings)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -211,7 +251,10 @@ class RunConfig:
         need(0.0 < self.fraction_train <= 1.0, "fraction-train must be in (0, 1]")
         need(0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate must be in [0, 1]")
         need(self.task in ("seq-cls", "causal-lm"), f"task must be 'seq-cls' or 'causal-lm', got {self.task!r}")
-        need(self.optimizer in ("adamw", "sgd"), f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        need(
+            self.optimizer in OPTIMIZERS,
+            f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
+        )
         need(
             self.weighting in ("num-examples", "uniform"),
             f"weighting must be 'num-examples' or 'uniform', got {self.weighting!r}",
@@ -221,6 +264,19 @@ class RunConfig:
         need(self.lora.alpha > 0, "lora.alpha must be > 0")
         need(0.0 <= self.lora.dropout < 1.0, "lora.dropout must be in [0, 1)")
         need(bool(self.lora.target_modules), "lora.target-modules must name at least one module")
+        if self.lora.client_ranks:
+            need(
+                all(1 <= r <= self.lora.r for r in self.lora.client_ranks),
+                f"lora.client-ranks must lie in 1..lora.r={self.lora.r}, got {self.lora.client_ranks}",
+            )
+            need(
+                self.strategy.lower() in ("flora", "flexlora"),
+                "lora.client-ranks (heterogeneous ranks) is supported by strategy = 'flora' or 'flexlora'",
+            )
+            need(
+                not (self.dp.sample_level or self.dp.user_level),
+                "heterogeneous client ranks cannot be combined with DP yet",
+            )
         partitioners = ("iid", "dirichlet", "shards", "label-proportion")
         need(
             self.data.partitioner in partitioners,
@@ -236,6 +292,8 @@ class RunConfig:
             "set train.local-steps or train.local-epochs > 0",
         )
         need(self.server_eval_every >= 1, "server-eval-every must be >= 1")
+        need(self.engine in ("sequential", "batched"), f"engine must be 'sequential' or 'batched', got {self.engine!r}")
+        need(self.engine_wave_size >= 0, "engine-wave-size must be >= 0")
         need(
             self.method.client_state in ("auto", "context", "disk"),
             f"method.client-state must be 'auto', 'context' or 'disk', got {self.method.client_state!r}",
@@ -265,6 +323,62 @@ class RunConfig:
             need(
                 self.weighting == "uniform",
                 'user-level DP bounds each client\'s influence only with equal weights: set weighting = "uniform"',
+            )
+        self._validate_galore(need)
+
+    def _validate_galore(self, need: Any) -> None:
+        from fedlowrank.projectors import MOMENT_POLICIES, PROJECTOR_KINDS  # torch: only when validating
+
+        galore = self.galore
+        fed_galore = self.strategy.lower() == "fed-galore"
+        need(galore.rank >= 1, "galore.rank must be >= 1")
+        need(galore.lr >= 0, "galore.lr must be >= 0 (0: train.lr)")
+        need(galore.update_gap >= 0, "galore.update-gap must be >= 0 (0: never refresh the basis)")
+        need(math.isfinite(galore.scale) and galore.scale > 0, "galore.scale must be a finite number > 0")
+        need(
+            galore.projector in PROJECTOR_KINDS,
+            f"galore.projector must be one of {', '.join(PROJECTOR_KINDS)}, got {galore.projector!r}",
+        )
+        need(
+            galore.moment_policy in MOMENT_POLICIES,
+            f"galore.moment-policy must be one of {', '.join(MOMENT_POLICIES)}, got {galore.moment_policy!r}",
+        )
+        unwrapped = [m for m in galore.train_modules if m not in self.lora.target_modules]
+        need(
+            not unwrapped,
+            f"galore.train-modules {unwrapped} are not in lora.target-modules {self.lora.target_modules}: only "
+            "the base weights under LoRA layers can be unfrozen (the workspace restores exactly those)",
+        )
+        uses_galore = self.optimizer == "galore" or fed_galore
+        if uses_galore:
+            need(not self.dp.sample_level, "DP-SGD (dp.epsilon > 0) does not support GaLore yet")
+        if self.optimizer == "galore" and not fed_galore and not galore.train_modules:
+            # Only the LoRA factors (r x d) are trainable 2-D weights: their smaller side is lora.r.
+            need(
+                self.lora.adapter == "lora",
+                "optimizer = 'galore' needs 2-D trainable weights: VeRA trains only vectors; "
+                "set galore.train-modules or lora.adapter = 'lora'",
+            )
+            need(
+                galore.rank < self.lora.r,
+                f"galore.rank={galore.rank} is not below lora.r={self.lora.r}: the only 2-D trainable weights are "
+                f"the LoRA factors, whose smaller side is lora.r, so projecting them saves nothing. Use "
+                f"galore.rank < {self.lora.r}, or unfreeze base weights with galore.train-modules",
+            )
+        if fed_galore:
+            need(
+                self.optimizer in ("adamw", "galore"),
+                "strategy 'fed-galore' trains with GaLoreAdamW: set optimizer = 'galore' (or 'adamw'), not 'sgd'",
+            )
+            need(
+                galore.projector == "gaussian",
+                "strategy 'fed-galore' supports galore.projector = 'gaussian' (the round's basis from a seed); "
+                "an SVD of the previous aggregate would never leave the first round's span",
+            )
+            need(
+                self.train.weight_decay == 0,
+                "strategy 'fed-galore' needs train.weight-decay = 0: full-space decay moves weights out of the "
+                "round's shared span, so the server could not rebuild the clients' updates exactly",
             )
 
     # ---- output -------------------------------------------------------------------------------
@@ -339,6 +453,13 @@ def _unknown_key_message(key: str) -> str:
     return f"unknown config key {key!r}.{hint} Valid keys: {', '.join(keys)}"
 
 
+def _strict_int(value: Any) -> int:
+    number = float(value)
+    if not number.is_integer():
+        raise ValueError
+    return int(number)
+
+
 def _list_to_string(value: list) -> str:
     if value and isinstance(value[0], list):
         return ";".join(",".join(str(x) for x in row) for row in value)
@@ -370,6 +491,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             if isinstance(value, str):
                 return [part.strip() for part in value.split(",") if part.strip()]
             return [str(v) for v in value]
+        if hint_text == "list[int]":
+            parts = value.split(",") if isinstance(value, str) else value
+            return [_strict_int(part) for part in parts if str(part).strip()]
         if hint_text == "list[list[float]]":
             if isinstance(value, str):
                 return [[float(x) for x in row.split(",")] for row in value.split(";") if row.strip()]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from fedlowrank.config import TrainSettings
+from fedlowrank.config import GaLoreSettings, TrainSettings
 
 
 @dataclass
@@ -40,9 +40,25 @@ class EvalResult:
         }
 
 
-def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings, kind: str) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: list[torch.nn.Parameter],
+    settings: TrainSettings,
+    kind: str,
+    *,
+    model: torch.nn.Module | None = None,
+    galore: GaLoreSettings | None = None,
+    seed: int = 0,
+) -> torch.optim.Optimizer:
+    """The optimizer for ``params``. ``kind = "galore"`` also needs ``model`` (parameter names decide what
+    is projected) and the ``[galore]`` settings (defaults when None)."""
     if not params:
         raise ValueError("no trainable parameters: nothing to optimize")
+    if kind == "galore":
+        if model is None:
+            raise ValueError("optimizer 'galore' needs the model to choose which weights to project")
+        from fedlowrank.galore_setup import make_galore_optimizer
+
+        return make_galore_optimizer(model, params, settings, galore or GaLoreSettings(), seed)
     if kind == "adamw":
         return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     if kind == "sgd":
@@ -96,15 +112,20 @@ def train_local(
     optimizer_kind: str = "adamw",
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
+    *,
+    galore: GaLoreSettings | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable parameters on ``loader`` for the configured steps or epochs.
 
-    A fresh optimizer per call (the federated setting: one call per round). Deterministic given ``seed``.
+    A fresh optimizer per call (the federated setting: one call per round), unless ``optimizer`` is given
+    (fed-galore installs the round's projectors first). Deterministic given ``seed``.
     """
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable, settings, optimizer_kind)
+    if optimizer is None:
+        optimizer = make_optimizer(trainable, settings, optimizer_kind, model=model, galore=galore, seed=seed)
     dataset_size = len(loader.dataset)
     if dataset_size == 0:
         raise ValueError("cannot train on an empty dataset")

@@ -8,8 +8,9 @@ import torch
 
 from fedlowrank.adapters import lora_scale
 from fedlowrank.config import ConfigError, RunConfig
+from fedlowrank.galore_setup import fed_galore_modules
 from fedlowrank.privacy.user_level import UserLevelLedger
-from strategies import fedex, fedit, fedsa, fedsvd, ffa, flexlora, flora, lora_fair
+from strategies import fed_galore, fedex, fedit, fedsa, fedsvd, ffa, flexlora, flora, lora_fair
 from strategies.base import LoRAStrategy
 from strategies.common import MethodSpec, ServerMath
 from strategies.user_dp import FLOWER_WRAPPED, OWN_MECHANISM, FlowerUserDP, UserDP
@@ -35,10 +36,12 @@ def _methods(config: RunConfig) -> dict[str, tuple[MethodSpec, ServerMath]]:
         "fedex": (fedex.SPEC, fedex.server_update),
         "flora": (flora.SPEC, partial(flora.server_update, seed=config.seed)),
         "flexlora": (flexlora.SPEC, flexlora.server_update),
+        # Not factor math: FedGaLoreStrategy aggregates projected full-weight updates itself.
+        "fed-galore": (fed_galore.SPEC, fed_galore._no_factor_math),
     }
 
 
-STRATEGY_NAMES = ("fedit", "fedsa", "ffa", "fedsvd", "lora-fair", "fedex", "flora", "flexlora")
+STRATEGY_NAMES = ("fedit", "fedsa", "ffa", "fedsvd", "lora-fair", "fedex", "flora", "flexlora", "fed-galore")
 ALIASES = {
     "fedavg": "fedit",
     "fedavg-lora": "fedit",
@@ -47,6 +50,7 @@ ALIASES = {
     "fair": "lora-fair",
     "lorafair": "lora-fair",
     "fedex-lora": "fedex",
+    "fedgalore": "fed-galore",
 }
 
 
@@ -74,11 +78,32 @@ def method_spec(config: RunConfig) -> MethodSpec:
     return _methods(config)[canonical_name(config.strategy)][0]
 
 
+def _fed_galore(config: RunConfig, initial_state: dict[str, torch.Tensor]) -> LoRAStrategy:
+    if config.dp.user_level:
+        raise ConfigError("user-level DP is not available for strategy 'fed-galore'")
+    modules = fed_galore_modules(config.galore, config.lora.target_modules)
+    return fed_galore.FedGaLoreStrategy(
+        initial_state,
+        fed_galore.layer_shapes(initial_state, modules),
+        rank=config.galore.rank,
+        seed=config.seed,
+        weighting=config.weighting,
+        **sampling_kwargs(config),
+    )
+
+
 def build_strategy(config: RunConfig, initial_state: dict[str, torch.Tensor]) -> LoRAStrategy:
     """The method's ``LoRAStrategy``; with user-level DP, wrapped by Flower's DP wrapper or given the
     equivalent mechanism (strategies/user_dp.py)."""
     name = canonical_name(config.strategy)
     spec, server_math = _methods(config)[name]
+    if name == "fed-galore":
+        return _fed_galore(config, initial_state)
+    if config.galore.train_modules:
+        raise ConfigError(
+            f"galore.train-modules trains full base weights, which strategy {name!r} does not aggregate "
+            "(it sends LoRA adapters only): use strategy = 'fed-galore', or centralized training"
+        )
     dp = config.dp
     own_mechanism = None
     if dp.user_level:

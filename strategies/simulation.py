@@ -1,4 +1,5 @@
-"""In-process simulation: a Flower ``Grid`` that answers messages by calling the ClientApp directly.
+"""In-process simulation: Flower ``Grid``s that answer messages by calling the ClientApp directly
+(``InProcessGrid``, one client after another) or by training a round's clients together (``BatchedGrid``).
 
 No Ray, no processes: every virtual SuperNode has its own ``Context`` (node config and persistent
 state, as in Flower), and all share one loaded base model. The strategy and the ClientApp are the
@@ -20,7 +21,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.client_app import make_client_app
+from clients.client_app import make_client_app, train_batch
 from fedlowrank.config import RunConfig
 from fedlowrank.progress import Reporter
 from strategies.server_app import run_server
@@ -100,16 +101,56 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
+class BatchedGrid(InProcessGrid):
+    """Answers a round's train messages by training the sampled clients together on the shared base.
+
+    Strategies see the same messages and replies as with ``InProcessGrid``, built by the same ClientApp
+    code (``clients.client_app.train_batch``); only local training runs as one batched job per wave of at
+    most ``wave_size`` clients. Evaluation messages, and rounds the engine does not cover (DP-SGD,
+    federated GaLore, GaLore optimizers), go through the ClientApp one by one.
+    """
+
+    def __init__(self, *args, bound_config: RunConfig, wave_size: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.bound_config = bound_config
+        self.wave_size = wave_size
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        messages = [self._pending.pop(mid) for mid in list(message_ids) if mid in self._pending]
+        train = [m for m in messages if m.metadata.message_type == "train"]
+        replies = [self._handle(m) for m in messages if m.metadata.message_type != "train"]
+        size = self.wave_size if self.wave_size > 0 else max(len(train), 1)
+        for start in range(0, len(train), size):
+            wave = train[start : start + size]
+            contexts = [self.contexts[m.metadata.dst_node_id] for m in wave]
+            try:
+                wave_replies = train_batch(wave, contexts, self.bound_config)
+            except Exception as exc:  # the whole wave failed: every client in it gets the error, as in Flower
+                reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+                wave_replies = [
+                    Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=m) for m in wave
+                ]
+            for reply in wave_replies:
+                reply.metadata.__dict__["_message_id"] = str(uuid4())
+                if self.on_reply is not None:
+                    self.on_reply(reply)
+            replies.extend(wave_replies)
+        return replies
+
+
 def run_inprocess(config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     """Run a federated simulation of ``config`` in this process; returns the run summary."""
     reporter = reporter or Reporter()
     # Messages built by the server read the process's task identity, which Flower's runtimes set.
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    grid = InProcessGrid(
-        make_client_app(config),
+    arguments = dict(
         num_nodes=config.num_clients,
         run_config=config.to_flat(),
         on_reply=lambda reply: reporter.client_finished() if reply.metadata.message_type == "train" else None,
         seed=config.seed,
     )
+    if config.engine == "batched":
+        grid = BatchedGrid(make_client_app(config), bound_config=config, wave_size=config.engine_wave_size, **arguments)
+    else:
+        grid = InProcessGrid(make_client_app(config), **arguments)
     return run_server(grid, config, reporter)

@@ -59,7 +59,8 @@ def test_flat_round_trip_through_flower_run_config():
         ("num-rounds=0", "num-rounds must be >= 1"),
         ("data.partitioner=zipf", "data.partitioner must be one of"),
         ("lora.use-rslora=maybe", "cannot use 'maybe' as bool"),
-        ("dp.epsilon=3", "not implemented yet"),
+        ("dp.epsilon=-1", "dp.epsilon must be >= 0"),
+        ("dp.engine=ghostly", "dp.engine must be"),
         ("noequals", "KEY=VALUE"),
     ],
 )
