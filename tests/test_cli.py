@@ -111,3 +111,21 @@ def test_pyproject_flower_config_declares_every_key_with_its_default():
     pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     declared = _flatten(pyproject["tool"]["flwr"]["app"]["config"])
     assert declared == RunConfig().to_flat()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epsilons", "1,zero"], "could not convert"),
+        (["--epsilons", "0,3"], "every ε must be > 0"),
+        (["--strategies", "fedit,fedprox"], "unknown strategy"),
+        (["--seeds", "0"], "--seeds must be >= 1"),
+    ],
+)
+def test_privacy_sweep_refuses_bad_input_before_any_run(args, message, data_dir, tmp_path):
+    result = runner.invoke(
+        app, ["sweep", "privacy", *args, "--output", str(tmp_path / "sweep"), "--data-dir", str(data_dir)]
+    )
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "sweep" / "runs").exists()
