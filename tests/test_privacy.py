@@ -44,6 +44,21 @@ def no_dropout(workspace):
         m.p = p
 
 
+def _fixed_plan(dataset_size, batch_size, local_steps, sigma):
+    """One round at a fixed σ under a loose budget (the tests that exercise the training loop itself)."""
+    return plan_client(
+        dataset_size=dataset_size,
+        batch_size=batch_size,
+        local_steps=local_steps,
+        local_epochs=1,
+        num_rounds=1,
+        fraction_train=1.0,
+        target_epsilon=50.0,
+        delta=1e-5,
+        noise_multiplier=sigma,
+    )
+
+
 def _batch(ws, n=6):
     data = ws.client_train_dataset(0)
     return ws.collator([data[i] for i in range(n)])
@@ -237,17 +252,7 @@ def test_private_rounds_move_the_adapter_compose_epsilon_and_refuse_past_the_bud
 
 def test_empty_poisson_batches_take_a_noise_only_step(workspace):
     small = workspace.client_train_dataset(0).select(range(4))
-    plan = plan_client(
-        dataset_size=4,
-        batch_size=1,
-        local_steps=30,
-        local_epochs=1,
-        num_rounds=1,
-        fraction_train=1.0,
-        target_epsilon=50.0,
-        delta=1e-5,
-        noise_multiplier=1.0,
-    )
+    plan = _fixed_plan(4, 1, 30, sigma=1.0)
     accountant = PrivacyAccountant("prv")
     result = train_private(
         workspace.model,
@@ -268,17 +273,7 @@ def test_empty_poisson_batches_take_a_noise_only_step(workspace):
 def test_a_round_that_cannot_move_the_weights_is_an_error(workspace):
     """The silent no-update hazard (opacus #820): a DP round whose adapters stay bit-identical fails loudly."""
     small = workspace.client_train_dataset(0).select(range(8))
-    plan = plan_client(
-        dataset_size=8,
-        batch_size=4,
-        local_steps=2,
-        local_epochs=1,
-        num_rounds=1,
-        fraction_train=1.0,
-        target_epsilon=50.0,
-        delta=1e-5,
-        noise_multiplier=1.0,
-    )
+    plan = _fixed_plan(8, 4, 2, sigma=1.0)
     with pytest.raises(RuntimeError, match="bit-identical"):
         train_private(
             workspace.model,
@@ -296,17 +291,7 @@ def test_a_round_that_cannot_move_the_weights_is_an_error(workspace):
 def test_physical_batch_splitting_gives_the_same_update(no_dropout):
     workspace = no_dropout
     small = workspace.client_train_dataset(0).select(range(16))
-    plan = plan_client(
-        dataset_size=16,
-        batch_size=8,
-        local_steps=2,
-        local_epochs=1,
-        num_rounds=1,
-        fraction_train=1.0,
-        target_epsilon=50.0,
-        delta=1e-5,
-        noise_multiplier=0.5,
-    )
+    plan = _fixed_plan(16, 8, 2, sigma=0.5)
     states = []
     for physical in (0, 3):
         load_adapter_state(workspace.model, workspace.initial_state)
@@ -483,17 +468,7 @@ def test_dp_trains_only_what_the_strategy_trains(workspace, engine):
     """FFA-LoRA / FedSVD: B (and the head) get private updates, A stays bit-identical and gets no noise."""
     set_trainable(workspace.model, lora_a=False, lora_b=True, head=True)
     small = workspace.client_train_dataset(0).select(range(12))
-    plan = plan_client(
-        dataset_size=12,
-        batch_size=4,
-        local_steps=3,
-        local_epochs=1,
-        num_rounds=1,
-        fraction_train=1.0,
-        target_epsilon=50.0,
-        delta=1e-5,
-        noise_multiplier=1.0,
-    )
+    plan = _fixed_plan(12, 4, 3, sigma=1.0)
     before = adapter_state(workspace.model)
     train_private(
         workspace.model,
