@@ -1,16 +1,26 @@
-"""Client-updates per second: the batched multi-client engine vs one-client-at-a-time vs centralized.
+"""Client-updates per second of one federated round: the batched engine vs Flower's Ray simulation vs a
+sequential loop vs centralized training (the physical limit), all on the same app, data and model.
 
-K clients each take E local steps of batch b (real TREC questions, dynamic padding everywhere):
-- ``sequential``  — the ClientApp's path: per client, load its adapter, ``train_local``, read it back;
-- ``batched``     — ``fedlowrank.engine.train_batched``: all K clients in shared forward/backward passes;
-- ``centralized`` — one adapter on the same tokens, E steps of batch K·b (the physical limit).
-Models: ``minilm`` (pretrained all-MiniLM-L6-v2) or ``small`` (a 2-layer BERT, hidden 128, from a config).
-Prints a table, then summary lines (``ratio_to_limit <model> K=<K>: x``, ``speedup_vs_sequential ...``),
-and writes ``benchmarks/results/engine/<name>.json``. Flower's Ray simulation is not part of this script
-yet (issue 6), so there is no ``speedup_vs_flower`` line.
+K clients each take E local steps of batch b (``--sizes equal``: every client holds E·b real TREC questions)
+or one local epoch over a Dirichlet(0.5) share of K·E·b questions (``--sizes uneven``). Modes, each in its own
+process so that nothing is shared between them:
+- ``flower``      — the fedlowrank ServerApp and ClientApp under Flower's Ray simulation (``run_simulation``),
+                    one CPU per client (``--flower-gpus`` per client on a GPU);
+- ``batched``     — the same apps in process through ``BatchedGrid`` (``engine = "batched"``);
+- ``sequential``  — the same apps in process, one ClientApp call after another (``InProcessGrid``);
+- ``centralized`` — one adapter trained on the same examples, batch K·b (the hardware limit).
+Dynamic padding everywhere. A federated mode's time is the median ``train_round_time`` (configure, train,
+aggregate; no evaluation) of rounds 2..R: start-up and the first round's warm-up (Ray actors, model loading)
+are excluded for every mode alike. Peak memory is the machine's RAM in use above the mode's start (all
+processes, Ray's included), and on CUDA the peak allocated device memory.
+
+Prints a table, then one summary line per target it measured, last:
+``ratio_to_limit minilm K=32: x``, ``speedup_vs_flower small K=512: x`` and, on a GPU,
+``speedup_vs_flower gpu K=128: x``, ``ratio_to_centralized gpu K=128: x``. Writes JSON to
+``benchmarks/results/engine/<model>-<device>.json``.
 
     python benchmarks/bench_engine.py --model small --clients 8,32,128,512 --steps 1 --batch 8
-    python benchmarks/bench_engine.py --model minilm --clients 32 --steps 4 --batch 16
+    python benchmarks/bench_engine.py --model minilm --clients 32 --steps 4 --batch 16 --sizes equal
 """
 
 from __future__ import annotations
@@ -19,23 +29,31 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
-import torch
-from transformers import BertConfig, BertForSequenceClassification, DataCollatorWithPadding
-
-from fedlowrank.adapters import adapter_state, attach_lora, load_adapter_state, set_trainable
-from fedlowrank.config import LoraSettings, TrainSettings
-from fedlowrank.data import load_task, tokenize
-from fedlowrank.engine import ClientJob, train_batched
-from fedlowrank.models import load_model, load_tokenizer
-from fedlowrank.training import train_local
+REPO = Path(__file__).resolve().parent.parent
+MODES = ("flower", "batched", "sequential", "centralized")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def build(model_name: str, device: torch.device):
-    tokenizer = load_tokenizer("minilm")
-    if model_name == "small":
+def small_model_folder(cache: Path) -> str:
+    """A 2-layer BERT (hidden 128) built from a config, saved with MiniLM's tokenizer so apps load it by path."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fedlowrank.models import load_tokenizer
+
+    folder = cache / "small-bert-h128-l2"
+    if not (folder / "config.json").is_file():
+        tokenizer = load_tokenizer("minilm")
         config = BertConfig(
             vocab_size=tokenizer.vocab_size,
             hidden_size=128,
@@ -45,97 +63,262 @@ def build(model_name: str, device: torch.device):
             num_labels=6,
         )
         torch.manual_seed(0)
-        model = BertForSequenceClassification(config).to(device)
-    else:
-        model = load_model("minilm", "seq-cls", num_labels=6, label_names=[str(i) for i in range(6)], device=device)
-    model = attach_lora(model, LoraSettings(r=8), "seq-cls")
-    set_trainable(model, lora_a=True, lora_b=True, head=True)
-    return model, tokenizer
+        BertForSequenceClassification(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
-def loaders(data, tokenizer, clients: int, steps: int, batch: int):
-    """Client k gets its own contiguous E·b examples (cycling over the data), in a fixed order."""
-    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
-    per_client = steps * batch
-    out = []
-    for k in range(clients):
-        indices = [(k * per_client + i) % len(data) for i in range(per_client)]
-        subset = data.select(indices)
-        out.append(torch.utils.data.DataLoader(subset, batch_size=batch, shuffle=False, collate_fn=collate))
-    return out
+def run_config(args: argparse.Namespace, mode: str, clients: int, sizes: str, output: Path):
+    from fedlowrank.config import RunConfig
+
+    examples = clients * args.steps * args.batch
+    flat = {
+        "name": f"{mode}-{clients}-{sizes}",
+        "output-dir": str(output),
+        "data-dir": args.data_dir,
+        "model": small_model_folder(output) if args.model == "small" else "minilm",
+        "strategy": "fedit",
+        "num-clients": clients,
+        "num-rounds": args.rounds,
+        "fraction-evaluate": 0.0,
+        "server-eval-every": 10_000,  # evaluation only after the last round, outside the timed phase
+        "device": args.device,
+        "engine": "batched" if mode == "batched" else "sequential",
+        "data.partitioner": "iid" if sizes == "equal" else "dirichlet",
+        "data.dirichlet-alpha": 0.5,
+        "data.validation-fraction": 0.0,
+        "data.min-partition-size": 1,
+        "data.max-train-examples": examples,
+        "data.max-test-examples": 64,
+        "data.max-length": 64,
+        "train.batch-size": args.batch,
+        "train.local-steps": args.steps if sizes == "equal" else 0,
+        "train.local-epochs": 1.0,
+        "train.lr": 5e-3,
+    }
+    return RunConfig.from_flat(flat)
 
 
-def timed(fn) -> float:
+class MemoryWatch:
+    """Peak RAM in use on the machine (all processes) above the level at start; peak CUDA memory."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._psutil, self.base = psutil, psutil.virtual_memory().used
+        self.peak, self._stop = self.base, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, self._psutil.virtual_memory().used)
+
+    def __enter__(self) -> MemoryWatch:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def as_dict(self) -> dict[str, float]:
+        import torch
+
+        out = {"peak_ram_mb": (self.peak - self.base) / 2**20}
+        if torch.cuda.is_available():
+            out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return out
+
+
+def federated_round_time(config) -> tuple[float, int]:
+    """Median train-phase time of rounds 2..R from the run's metrics, and the examples one round trains."""
+    from fedlowrank.runtime import get_workspace
+
+    rows = [json.loads(line) for line in (Path(config.output_dir) / config.name / "metrics.jsonl").open()]
+    times = [row["train_round_time"] for row in rows if "train_round_time" in row]
+    steady = times[1:] if len(times) > 1 else times
+    return statistics.median(steady), examples_per_round(get_workspace(config), config)
+
+
+def examples_per_round(workspace, config) -> int:
+    from fedlowrank.training import planned_steps
+
+    total = 0
+    for pid in range(config.num_clients):
+        size = len(workspace.client_train_dataset(pid))
+        if config.train.local_steps > 0:
+            total += config.train.local_steps * min(config.train.batch_size, size)
+        else:
+            steps = planned_steps(config.train, size)
+            total += min(steps * config.train.batch_size, size)  # one epoch: every example once
+    return total
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """Run one mode at one K in this process; returns its measurement."""
+    import torch
+
+    torch.manual_seed(0)
+    output = Path(tempfile.mkdtemp(prefix="bench-engine-"))
+    config = run_config(args, args.worker, args.worker_clients, args.worker_sizes, output)
+    with MemoryWatch() as memory:
+        if args.worker == "centralized":
+            seconds, examples = centralized(config, args)
+        elif args.worker == "flower":
+            from flwr.simulation import run_simulation
+
+            from clients.client_app import make_client_app
+            from strategies.server_app import make_server_app
+
+            run_simulation(
+                server_app=make_server_app(config),
+                client_app=make_client_app(config),
+                num_supernodes=config.num_clients,
+                backend_name="ray",
+                backend_config={
+                    "client_resources": {"num_cpus": 1, "num_gpus": args.flower_gpus},
+                    "init_args": {"num_cpus": os.cpu_count(), "include_dashboard": False},
+                },
+            )
+            seconds, examples = federated_round_time(config)
+        else:
+            from fedlowrank.progress import Reporter
+            from strategies.simulation import run_inprocess
+
+            run_inprocess(config, Reporter())
+            seconds, examples = federated_round_time(config)
+    return {"seconds": seconds, "examples": examples, "examples_per_s": examples / seconds, **memory.as_dict()}
+
+
+def centralized(config, args: argparse.Namespace) -> tuple[float, int]:
+    """One adapter on the clients' pooled examples, batch K·b, as many examples as one federated round."""
+    import dataclasses
+
+    import torch
+
+    from fedlowrank.adapters import load_adapter_state
+    from fedlowrank.runtime import get_workspace
+    from fedlowrank.training import train_local
+
+    workspace = get_workspace(config)
+    examples = examples_per_round(workspace, config)
+    pooled = dataclasses.replace(config.train, batch_size=config.num_clients * config.train.batch_size)
+    pooled.local_steps = max(1, -(-examples // pooled.batch_size))
+    workspace.config = dataclasses.replace(config, train=pooled)  # its train loader batches K·b
+    loader = workspace.train_loader(seed=0)
+    times = []
+    for _ in range(args.rounds):
+        load_adapter_state(workspace.model, workspace.initial_state)
+        started = time.perf_counter()
+        train_local(workspace.model, loader, pooled)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    steady = times[1:] if len(times) > 1 else times  # the first pass warms up, as round 1 does elsewhere
+    return statistics.median(steady), min(examples, pooled.local_steps * pooled.batch_size)
+
+
+def run_mode(args: argparse.Namespace, mode: str, clients: int, sizes: str) -> dict:
+    command = [sys.executable, __file__, "--worker", mode, "--worker-clients", str(clients), "--worker-sizes", sizes]
+    for name in ("model", "steps", "batch", "rounds", "device", "data_dir", "flower_gpus"):
+        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     started = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-15:]
+        return {"error": f"exit {done.returncode}: " + " | ".join(tail)}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["process_wall_s"] = time.perf_counter() - started
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("minilm", "small"), default="small")
-    parser.add_argument("--clients", default="8,32")
-    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--clients", default="8,32,128,512")
+    parser.add_argument("--sizes", choices=("equal", "uneven", "both"), default="equal")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--steps", type=int, default=1, help="local steps E per client (equal sizes)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per federated run (rounds 2.. are timed)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--data-dir", default=os.environ.get("FEDLOWRANK_DATA", "../shared/data"))
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "engine")
+    parser.add_argument("--flower-gpus", type=float, default=0.0, help="Flower client_resources num_gpus")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per mode before it is abandoned")
+    parser.add_argument("--data-dir", default=os.environ.get("FEDLOWRANK_DATA", str(REPO.parent / "shared" / "data")))
+    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "engine")
+    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-clients", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-sizes", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    device = torch.device(args.device)
-    model, tokenizer = build(args.model, device)
-    from fedlowrank.config import DataSettings
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    import torch
 
-    task = load_task("trec", args.data_dir, DataSettings())
-    data = tokenize(task.train, tokenizer, "text", "label", 64).with_format(None)
-    settings = TrainSettings(local_steps=args.steps, batch_size=args.batch, lr=5e-3)
-    start = adapter_state(model)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        parser.error(f"unknown modes {unknown}; choose from {MODES}")
+    sizes_list = ["equal", "uneven"] if args.sizes == "both" else [args.sizes]
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
     rows = []
-    for clients in [int(c) for c in args.clients.split(",")]:
-        times: dict[str, list[float]] = {"sequential": [], "batched": [], "centralized": []}
-        for _ in range(args.repeats):
-            client_loaders = loaders(data, tokenizer, clients, args.steps, args.batch)
-
-            def sequential(client_loaders=client_loaders):
-                for loader in client_loaders:
-                    load_adapter_state(model, start)
-                    train_local(model, loader, settings)
-                    adapter_state(model)
-
-            def batched(client_loaders=client_loaders):
-                jobs = [ClientJob(start, loader) for loader in client_loaders]
-                train_batched(model, jobs, settings)
-
-            central = loaders(data, tokenizer, 1, args.steps, args.batch * clients)[0]
-
-            def centralized(central=central, clients=clients):
-                load_adapter_state(model, start)
-                train_local(model, central, TrainSettings(local_steps=args.steps, batch_size=args.batch * clients))
-
-            for name, fn in (("sequential", sequential), ("batched", batched), ("centralized", centralized)):
-                times[name].append(timed(fn))
-        updates = clients * args.steps * args.batch
-        row = {"model": args.model, "clients": clients, "steps": args.steps, "batch": args.batch}
-        for name, values in times.items():
-            row[f"{name}_s"] = statistics.median(values)
-            row[f"{name}_examples_per_s"] = updates / statistics.median(values)
-        row["ratio_to_limit"] = row["centralized_s"] / row["batched_s"]
-        row["speedup_vs_sequential"] = row["sequential_s"] / row["batched_s"]
-        rows.append(row)
-        print(
-            f"K={clients:4d}  sequential {row['sequential_examples_per_s']:8.1f} ex/s  batched "
-            f"{row['batched_examples_per_s']:8.1f} ex/s  centralized {row['centralized_examples_per_s']:8.1f} ex/s"
-        )
-    for row in rows:
-        print(f"ratio_to_limit {row['model']} K={row['clients']}: {row['ratio_to_limit']:.2f}")
-        print(f"speedup_vs_sequential {row['model']} K={row['clients']}: {row['speedup_vs_sequential']:.1f}")
+    header = f"{'model':7} {'sizes':7} {'K':>4} " + " ".join(f"{m + ' ex/s':>16}" for m in modes)
+    print(f"device: {device_name} | E={args.steps} b={args.batch} | {args.rounds} rounds, rounds 2.. timed")
+    print(header + f" {'batched/limit':>14} {'batched/flower':>15} {'peak MB (b/f)':>15}")
+    for sizes in sizes_list:
+        for clients in [int(c) for c in args.clients.split(",")]:
+            row: dict = {
+                "model": args.model,
+                "sizes": sizes,
+                "clients": clients,
+                "steps": args.steps,
+                "batch": args.batch,
+            }
+            for mode in modes:
+                row[mode] = run_mode(args, mode, clients, sizes)
+            rate = {m: row[m].get("examples_per_s") for m in modes}
+            if rate.get("batched") and rate.get("centralized"):
+                row["ratio_to_limit"] = rate["batched"] / rate["centralized"]
+            if rate.get("batched") and rate.get("flower"):
+                row["speedup_vs_flower"] = rate["batched"] / rate["flower"]
+            if rate.get("batched") and rate.get("sequential"):
+                row["speedup_vs_sequential"] = rate["batched"] / rate["sequential"]
+            rows.append(row)
+            cells = " ".join(f"{rate[m]:16.1f}" if rate[m] else f"{'failed':>16}" for m in modes)
+            memory = "/".join(
+                f"{row[m].get('peak_ram_mb', float('nan')):.0f}" for m in ("batched", "flower") if m in row
+            )
+            print(
+                f"{args.model:7} {sizes:7} {clients:4d} {cells} {row.get('ratio_to_limit', float('nan')):14.2f} "
+                f"{row.get('speedup_vs_flower', float('nan')):15.2f} {memory:>15}",
+                flush=True,
+            )
+            for mode in modes:
+                if "error" in row[mode]:
+                    print(f"  {mode} failed: {row[mode]['error']}")
     args.output.mkdir(parents=True, exist_ok=True)
-    name = f"{args.model}-{device.type}-{torch.get_num_threads()}threads"
-    (args.output / f"{name}.json").write_text(json.dumps({"device": str(device), "rows": rows}, indent=2))
-    print(f"wrote {args.output / (name + '.json')}")
+    on_gpu = args.device.startswith("cuda")
+    path = args.output / f"{args.model}-{'gpu' if on_gpu else 'cpu'}-E{args.steps}-b{args.batch}.json"
+    path.write_text(json.dumps({"device": device_name, "command": sys.argv, "rows": rows}, indent=2))
+    print(f"wrote {path}")
+    for row in rows:  # the targets' summary lines, last
+        if row["sizes"] != "equal":
+            continue
+        if on_gpu:
+            if row["clients"] == 128 and "speedup_vs_flower" in row:
+                print(f"speedup_vs_flower gpu K=128: {row['speedup_vs_flower']:.1f}")
+            if row["clients"] == 128 and "ratio_to_limit" in row:
+                print(f"ratio_to_centralized gpu K=128: {row['ratio_to_limit']:.2f}")
+        elif row["model"] == "minilm" and row["clients"] == 32 and "ratio_to_limit" in row:
+            print(f"ratio_to_limit minilm K=32: {row['ratio_to_limit']:.2f}")
+        elif row["model"] == "small" and row["clients"] == 512 and "speedup_vs_flower" in row:
+            print(f"speedup_vs_flower small K=512: {row['speedup_vs_flower']:.1f}")
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
     main()

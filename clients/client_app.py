@@ -28,8 +28,14 @@ from fedlowrank.adapters import (
 from fedlowrank.config import ConfigError, RunConfig
 from fedlowrank.galore_setup import PROJECTED_SUFFIX, fed_galore_client_train, fed_galore_modules
 from fedlowrank.metrics import personalization_gap
-from fedlowrank.privacy.accounting import PrivacyAccountant, PrivacyBudgetExceeded, plan_client
-from fedlowrank.privacy.dp_sgd import train_private
+from fedlowrank.privacy.accounting import (
+    ClientDPPlan,
+    PrivacyAccountant,
+    PrivacyBudgetExceeded,
+    ensure_within_budget,
+    plan_client,
+)
+from fedlowrank.privacy.dp_sgd import DPTrainResult, train_private
 from fedlowrank.runtime import Workspace, get_workspace
 from fedlowrank.state import ClientStateStore, DiskStateStore
 from fedlowrank.training import TrainResult, evaluate, train_local
@@ -227,43 +233,70 @@ def finish_train(
 
 
 def batched_training_applies(config: RunConfig, flags: dict) -> bool:
-    """Rounds the batched engine covers: plain LoRA training with AdamW or SGD (not DP, GaLore, fed-galore)."""
-    return not config.dp.sample_level and config.optimizer in ("adamw", "sgd") and not flags.get("fed-galore")
+    """Rounds the batched engine covers: LoRA training with AdamW or SGD, plain or DP-SGD (not GaLore or
+    federated GaLore)."""
+    return config.optimizer in ("adamw", "sgd") and not flags.get("fed-galore")
 
 
 def train_batch(messages: list[Message], contexts: list[Context], bound: RunConfig | None) -> list[Message]:
     """Train several clients' messages together on the shared base (``fedlowrank.engine``); the replies are
-    the ones ``train`` would give. Falls back to one-by-one training where the engine does not apply."""
-    from fedlowrank.engine import ClientJob, train_batched
+    the ones ``train`` would give (refusals included). Falls back to one-by-one training where the engine
+    does not apply."""
+    from fedlowrank.engine import ClientJob, PrivateJob, train_batched
 
     config = resolve_config(contexts[0], bound)
     if not batched_training_applies(config, dict(messages[0].content["config"])):
         app = make_client_app(bound)
         return [app(message, context) for message, context in zip(messages, contexts, strict=True)]
-    jobs, work = [], []
-    for message, context in zip(messages, contexts, strict=True):
+    replies: dict[int, Message] = {}
+    jobs, work, plans = {}, {}, {}
+    for index, (message, context) in enumerate(zip(messages, contexts, strict=True)):
         job, seed = start_train(message, context, bound)  # sets the shared model to this client's start
-        jobs.append(job)
-        work.append(
-            ClientJob(adapter_state(job.workspace.model), job.workspace.client_train_loader(job.pid, seed), seed)
+        start = adapter_state(job.workspace.model)  # on the CPU until its wave is stacked on the device
+        if config.dp.sample_level:
+            plan, accountant = _private_plan(job)
+            try:
+                ensure_within_budget(accountant, plan)
+            except PrivacyBudgetExceeded as refusal:
+                replies[index] = _refusal(message, job, str(refusal))
+                continue
+            private = PrivateJob(
+                job.workspace.client_train_dataset(job.pid),
+                job.workspace.collator,
+                plan,
+                accountant,
+                config.dp.max_grad_norm,
+            )
+            work[index], plans[index] = ClientJob(start, seed=seed, private=private), plan
+        else:
+            work[index] = ClientJob(start, job.workspace.client_train_loader(job.pid, seed), seed)
+        jobs[index] = job
+    if work:
+        started = time.perf_counter()
+        trained = train_batched(
+            next(iter(jobs.values())).workspace.model,
+            list(work.values()),
+            config.train,
+            config.optimizer,
+            max_tokens=config.engine_max_tokens,
         )
-    started = time.perf_counter()
-    trained = train_batched(jobs[0].workspace.model, work, config.train, config.optimizer)
-    elapsed = (time.perf_counter() - started) / len(jobs)  # the wave's time, shared out
-    return [
-        finish_train(message, job, state, result, elapsed)
-        for message, job, (state, result) in zip(messages, jobs, trained, strict=True)
-    ]
+        elapsed = (time.perf_counter() - started) / len(work)  # the wave's time, shared out
+        for index, (state, result) in zip(work, trained, strict=True):
+            job = jobs[index]
+            extra = {}
+            if index in plans:
+                extra = _private_finish(job, plans[index], work[index].private.accountant, result)
+            replies[index] = finish_train(messages[index], job, state, result, elapsed, extra)
+    return [replies[index] for index in range(len(messages))]
 
 
-def _train_private(job: ClientRound, seed: int):
-    """One round of DP-SGD; the accountant comes from and goes back to this client's persistent state."""
-    config, workspace = job.config, job.workspace
-    dataset = workspace.client_train_dataset(job.pid)
+def _private_plan(job: ClientRound) -> tuple[ClientDPPlan, PrivacyAccountant]:
+    """This client's σ plan (fixed at its first round) and its accountant, from its persistent state."""
+    config = job.config
     saved = job.store.load(job.client_key, DP_STATE) or {}
     accountant = PrivacyAccountant.from_tensor(saved.get("history"), config.dp.accountant)
     plan = plan_client(
-        dataset_size=len(dataset),
+        dataset_size=len(job.workspace.client_train_dataset(job.pid)),
         batch_size=config.train.batch_size,
         local_steps=config.train.local_steps,
         local_epochs=config.train.local_epochs,
@@ -275,9 +308,32 @@ def _train_private(job: ClientRound, seed: int):
         accountant=config.dp.accountant,
         noise_multiplier=float(saved["plan"][0]) if "plan" in saved else config.dp.noise_multiplier,
     )
+    return plan, accountant
+
+
+def _private_finish(
+    job: ClientRound, plan: ClientDPPlan, accountant: PrivacyAccountant, result: DPTrainResult
+) -> dict[str, float]:
+    """Persist the stepped accountant (never reset) and report the round's privacy metrics."""
+    job.store.save(job.client_key, DP_STATE, {"history": accountant.to_tensor(), "plan": plan.as_tensor()})
+    return {
+        "dp-epsilon": result.epsilon,
+        "dp-noise-multiplier": result.noise_multiplier,
+        "dp-sample-rate": result.sample_rate,
+        "dp-steps-total": float(accountant.steps),
+        "dp-empty-batches": result.empty_batches,
+        "dp-planned-rounds": plan.planned_rounds,
+        "dp-refused": 0,
+    }
+
+
+def _train_private(job: ClientRound, seed: int) -> tuple[DPTrainResult, dict[str, float]]:
+    """One round of DP-SGD; the accountant comes from and goes back to this client's persistent state."""
+    config, workspace = job.config, job.workspace
+    plan, accountant = _private_plan(job)
     result = train_private(
         workspace.model,
-        dataset,
+        workspace.client_train_dataset(job.pid),
         workspace.collator,
         config.train,
         plan,
@@ -288,17 +344,7 @@ def _train_private(job: ClientRound, seed: int):
         optimizer_kind=config.optimizer,
         seed=seed,
     )
-    job.store.save(job.client_key, DP_STATE, {"history": accountant.to_tensor(), "plan": plan.as_tensor()})
-    metrics = {
-        "dp-epsilon": result.epsilon,
-        "dp-noise-multiplier": result.noise_multiplier,
-        "dp-sample-rate": result.sample_rate,
-        "dp-steps-total": float(accountant.steps),
-        "dp-empty-batches": result.empty_batches,
-        "dp-planned-rounds": plan.planned_rounds,
-        "dp-refused": 0,
-    }
-    return result, metrics
+    return result, _private_finish(job, plan, accountant, result)
 
 
 def _refusal(message: Message, job: ClientRound, reason: str) -> Message:

@@ -25,8 +25,14 @@ A_SIDE = (f".{LORA_A}.", ".vera_lambda_d")
 B_SIDE = (f".{LORA_B}.", ".vera_lambda_b")
 # VeRA's frozen random projections: regenerated from the seed in every process, never sent.
 FROZEN_SHARED = ("vera_A", "vera_B")
-# Output heads of the task models we support (sequence classification and causal LM).
+# Output heads of the task models we support (sequence and image classification: "classifier", e.g. BERT,
+# RoBERTa, ViT; "score": classification heads on causal LMs).
 HEAD_MODULE_NAMES = ("classifier", "score")
+# Tasks with a classification head, trained and saved through peft's modules_to_save.
+CLASSIFICATION_TASKS = ("seq-cls", "image-cls")
+# peft task types: SEQ_CLS adds the head to modules_to_save itself; image classification has no task type
+# (a plain PeftModel), so its head is listed explicitly.
+PEFT_TASK_TYPES = {"seq-cls": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM, "image-cls": None}
 
 
 class AdapterConfigError(ValueError):
@@ -48,9 +54,14 @@ def head_modules(model: torch.nn.Module) -> list[str]:
 def attach_lora(model: PreTrainedModel, settings: LoraSettings, task: str = "seq-cls") -> PeftModel:
     """Wrap ``model`` with peft LoRA (or VeRA) adapters; checks targets and ranks first, with clear errors."""
     _check_targets(model, settings)
-    heads = head_modules(model) if (settings.train_head and task == "seq-cls") else []
+    if task not in PEFT_TASK_TYPES:
+        raise AdapterConfigError(f"unknown task {task!r}; use one of {', '.join(PEFT_TASK_TYPES)}")
+    # The head is always saved with the adapter for image-cls (frozen below when not trained), as peft's
+    # SEQ_CLS does for seq-cls: a saved adapter then reloads with the very head it was evaluated with.
+    train_heads = settings.train_head and task == "seq-cls"
+    heads = head_modules(model) if (train_heads or task == "image-cls") else []
     common = {
-        "task_type": TaskType.SEQ_CLS if task == "seq-cls" else TaskType.CAUSAL_LM,
+        "task_type": PEFT_TASK_TYPES[task],
         "r": settings.r,
         "target_modules": list(settings.target_modules),
         "modules_to_save": heads or None,
@@ -76,8 +87,8 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings, task: str = "seq
 
 
 def _freeze_untrained_head(peft_model: PeftModel, task: str, settings: LoraSettings) -> None:
-    """peft's SEQ_CLS task type adds the classifier to modules_to_save on its own; undo that when asked."""
-    if task == "seq-cls" and not settings.train_head:
+    """The head is in modules_to_save (peft's SEQ_CLS adds it on its own); freeze it when not trained."""
+    if task in CLASSIFICATION_TASKS and not settings.train_head:
         for name, param in peft_model.named_parameters():
             if any(f"{head}." in name for head in HEAD_MODULE_NAMES) and key_role(name) == "head":
                 param.requires_grad_(False)
@@ -125,7 +136,9 @@ def _check_targets(model: torch.nn.Module, settings: LoraSettings) -> None:
 # ---- state --------------------------------------------------------------------------------------
 def adapter_state(model: PeftModel, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """A detached fp32 CPU copy of the adapter state (factors + saved head), peft key names."""
-    state = get_peft_model_state_dict(model)
+    state = _state_tensors(model)
+    if state is None:
+        state = get_peft_model_state_dict(model)
     if trainable_only:
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
         state = {k: v for k, v in state.items() if _param_name(model, k) in trainable}
@@ -145,7 +158,8 @@ def _param_name(model: PeftModel, state_key: str) -> str:
 
 def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor], strict: bool = True) -> None:
     """Write ``state`` into the model's adapter (a subset of keys is fine when ``strict`` is False)."""
-    known = get_peft_model_state_dict(model)
+    live = _state_tensors(model)
+    known = live if live is not None else get_peft_model_state_dict(model)
     unknown = sorted(set(state) - set(known))
     if unknown:
         raise KeyError(f"adapter state has keys the model does not know: {unknown[:5]}")
@@ -156,8 +170,41 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor], strict:
     for key, value in state.items():
         if tuple(value.shape) != tuple(known[key].shape):
             raise ValueError(f"{key}: shape {tuple(value.shape)} does not match the model's {tuple(known[key].shape)}")
-    # peft's loader needs every saved-module key; missing ones keep their current values.
-    set_peft_model_state_dict(model, {**known, **state})
+    if live is None:  # peft's loader needs every saved-module key; missing ones keep their current values
+        set_peft_model_state_dict(model, {**known, **state})
+        return
+    with torch.no_grad():
+        for key, value in state.items():
+            live[key].copy_(value)
+
+
+_STATE_KEYS = "_fedlowrank_adapter_keys"
+
+
+def _state_tensors(model: PeftModel) -> dict[str, torch.Tensor] | None:
+    """The live tensors behind peft's adapter state dict, by peft key (reads and writes without copies).
+
+    peft's own get/set state-dict calls re-read the model config from disk each time (≈13 ms per call on a
+    small model: most of a simulated client's overhead); the key list is asked once and cached on the model.
+    None when a key maps to no parameter or buffer (then the callers use peft's calls).
+    """
+    places = model.__dict__.get(_STATE_KEYS)
+    if places is None:
+        places = {}
+        for key in get_peft_model_state_dict(model):
+            module_name, _, attribute = _param_name(model, key).rpartition(".")
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError:
+                module = None
+            if module is None or not isinstance(getattr(module, attribute, None), torch.Tensor):
+                places = {}  # a layout this map does not know: use peft's calls
+                break
+            places[key] = (module, attribute)
+        model.__dict__[_STATE_KEYS] = places
+    if not places:
+        return None
+    return {key: getattr(module, attribute) for key, (module, attribute) in places.items()}
 
 
 def layer_name(key: str) -> str | None:

@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 
 
 OPTIMIZERS = ("adamw", "sgd", "galore")
+TASKS = ("seq-cls", "image-cls", "causal-lm")
 
 
 @dataclass
@@ -50,11 +51,16 @@ class DataSettings:
     text_column: str = "text"
     # Second text of sentence-pair tasks (MNLI, QNLI, ...); empty for single-text tasks.
     text_pair_column: str = ""
+    # Image column of task = "image-cls" (a datasets Image feature, or image file paths).
+    image_column: str = "image"
     label_column: str = "label"
     # Hub dataset configuration (e.g. "mnli" for "nyu-mll/glue"); unused for local files.
     subset: str = ""
-    # "iid", "dirichlet", "shards", or "label-proportion" (FFA-LoRA's fixed split, see data.py).
+    # "iid", "dirichlet", "shards", "label-proportion" (FFA-LoRA's fixed split, see data.py), or "by-column"
+    # (one client per distinct value of partition-column: feature non-IID, e.g. one client per DomainNet domain).
     partitioner: str = "dirichlet"
+    # For "by-column": the column whose values define the clients (num-clients must equal their number).
+    partition_column: str = ""
     dirichlet_alpha: float = 0.5
     shards_per_client: int = 2
     # For "label-proportion": one list of class proportions per client, e.g. [[0.1, 0.9], [0.9, 0.1]];
@@ -175,7 +181,7 @@ class RunConfig:
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     model: str = "minilm"
-    # "seq-cls" (sequence classification) or "causal-lm".
+    # "seq-cls" (sequence classification), "image-cls" (image classification, e.g. ViT) or "causal-lm".
     task: str = "seq-cls"
     dataset: str = "trec"
     # Folder with local dataset copies (<data-dir>/<dataset>/train.csv ...); empty: $FEDLOWRANK_DATA.
@@ -196,6 +202,9 @@ class RunConfig:
     engine: str = "sequential"
     # Batched engine: at most this many clients per wave (0: all sampled clients at once).
     engine_wave_size: int = 0
+    # Batched engine: a step's examples run longest first in chunks of at most this many padded tokens, each
+    # padded to its own longest example (less padding, bounded activation memory); 0: one chunk per step.
+    engine_max_tokens: int = 32768
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -250,7 +259,10 @@ class RunConfig:
         need(self.num_clients >= 1, "num-clients must be >= 1")
         need(0.0 < self.fraction_train <= 1.0, "fraction-train must be in (0, 1]")
         need(0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate must be in [0, 1]")
-        need(self.task in ("seq-cls", "causal-lm"), f"task must be 'seq-cls' or 'causal-lm', got {self.task!r}")
+        need(
+            self.task in TASKS,
+            f"task must be one of {', '.join(repr(t) for t in TASKS)}, got {self.task!r}",
+        )
         need(
             self.optimizer in OPTIMIZERS,
             f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
@@ -277,10 +289,14 @@ class RunConfig:
                 not (self.dp.sample_level or self.dp.user_level),
                 "heterogeneous client ranks cannot be combined with DP yet",
             )
-        partitioners = ("iid", "dirichlet", "shards", "label-proportion")
+        partitioners = ("iid", "dirichlet", "shards", "label-proportion", "by-column")
         need(
             self.data.partitioner in partitioners,
             f"data.partitioner must be one of {partitioners}, got {self.data.partitioner!r}",
+        )
+        need(
+            self.data.partitioner != "by-column" or bool(self.data.partition_column),
+            'data.partitioner = "by-column" needs data.partition-column (e.g. "domain"): one client per value',
         )
         need(self.data.dirichlet_alpha > 0, "data.dirichlet-alpha must be > 0")
         need(0.0 <= self.data.validation_fraction < 1.0, "data.validation-fraction must be in [0, 1)")
@@ -294,6 +310,12 @@ class RunConfig:
         need(self.server_eval_every >= 1, "server-eval-every must be >= 1")
         need(self.engine in ("sequential", "batched"), f"engine must be 'sequential' or 'batched', got {self.engine!r}")
         need(self.engine_wave_size >= 0, "engine-wave-size must be >= 0")
+        need(self.engine_max_tokens >= 0, "engine-max-tokens must be >= 0")
+        need(
+            not (self.engine == "batched" and self.task == "image-cls"),
+            "engine = 'batched' supports text tasks only (it batches token sequences); use engine = 'sequential' "
+            "for task = 'image-cls'",
+        )
         need(
             self.method.client_state in ("auto", "context", "disk"),
             f"method.client-state must be 'auto', 'context' or 'disk', got {self.method.client_state!r}",

@@ -1,22 +1,36 @@
-"""Datasets: load by hub name or local files, partition across clients, tokenize with per-batch padding.
+"""Datasets: load by hub name or local files, partition across clients, tokenize with per-batch padding
+(text) or turn images into ``pixel_values`` on the fly (images).
 
-Local layout understood by name: ``<data-dir>/<name>/{train,test,validation}.{csv,json,jsonl,parquet}``.
+Local layout understood by name: ``<data-dir>/<name>/{train,test,validation}.{csv,json,jsonl,parquet}``
+(image datasets: parquet with a datasets Image column, e.g. written by ``Dataset.to_parquet``, or files with
+image paths), or an image folder ``<name>/{train,test}/<label>/<image files>`` (datasets' imagefolder;
+a ``metadata.csv`` beside the images adds columns such as a domain).
 A path to a folder with such files, or to a single file, works too; anything else is tried on the hub.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import hashlib
+import io
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
+from datasets import Image as ImageFeature
 from datasets.utils import logging as datasets_logging
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, ShardPartitioner
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    NaturalIdPartitioner,
+    Partitioner,
+    ShardPartitioner,
+)
 from torch.utils.data import DataLoader
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import DataCollatorWithPadding, ImageProcessingMixin, PreTrainedTokenizerBase
 
 from fedlowrank.config import DataSettings
 from fedlowrank.hub import hub_reachable
@@ -32,7 +46,7 @@ class DataError(ValueError):
 
 @dataclass
 class TaskData:
-    """A labelled text-classification task: train and test splits with integer labels."""
+    """A labelled classification task (text or images): train and test splits with integer labels."""
 
     train: Dataset
     test: Dataset
@@ -40,10 +54,18 @@ class TaskData:
     text_column: str
     label_column: str
     text_pair_column: str = ""
+    # Set for image classification (then the text columns are unused).
+    image_column: str = ""
+    # The column the "by-column" partitioner splits on (kept in the splits), if any.
+    partition_column: str = ""
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+    @property
+    def is_image(self) -> bool:
+        return bool(self.image_column)
 
 
 # ---- loading --------------------------------------------------------------------------------------
@@ -83,8 +105,11 @@ def load_raw_dataset(name_or_path: str, data_dir: str = "", subset: str = "") ->
     for candidate in candidates:
         if candidate.is_dir():
             files = _local_split_files(candidate)
+            if "train" not in files and (candidate / "train").is_dir():
+                # <folder>/{train,test}/<label>/<images>: datasets' image folder builder
+                return load_dataset("imagefolder", data_dir=str(candidate))
             if "train" not in files:
-                raise DataError(f"{candidate} has no train.csv/.json/.jsonl/.parquet file")
+                raise DataError(f"{candidate} has no train.csv/.json/.jsonl/.parquet file (nor a train/ image folder)")
             return _read_files(files)
         if candidate.is_file():
             if candidate.suffix not in FILE_FORMATS:
@@ -101,9 +126,15 @@ def load_raw_dataset(name_or_path: str, data_dir: str = "", subset: str = "") ->
 
 
 def load_task(
-    name_or_path: str, data_dir: str, settings: DataSettings, test_fraction: float = 0.1, seed: int = 0
+    name_or_path: str,
+    data_dir: str,
+    settings: DataSettings,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    task: str = "seq-cls",
 ) -> TaskData:
-    """Load a text-classification task with integer labels and a global test split."""
+    """Load a text (``task = "seq-cls"``) or image (``"image-cls"``) classification task with integer labels
+    and a global test split."""
     raw = load_raw_dataset(name_or_path, data_dir, settings.subset)
     train_split = next((s for s in TRAIN_SPLITS if s in raw), None)
     if train_split is None:
@@ -117,23 +148,49 @@ def load_task(
         train, test = parts["train"], parts["test"]
     else:
         test = raw[test_split]
-    text_columns = [settings.text_column] + ([settings.text_pair_column] if settings.text_pair_column else [])
-    for split_name, split in (("train", train), ("test", test)):
-        missing = [c for c in (*text_columns, settings.label_column) if c not in split.column_names]
+    image = task == "image-cls"
+    if image:
+        inputs, hint = [settings.image_column], "data.image-column / data.label-column"
+    else:
+        inputs = [settings.text_column] + ([settings.text_pair_column] if settings.text_pair_column else [])
+        hint = "data.text-column / data.text-pair-column / data.label-column"
+    partition_column = settings.partition_column if settings.partitioner == "by-column" else ""
+    for split_name, split, extra in (("train", train, [partition_column]), ("test", test, [])):
+        missing = [c for c in (*inputs, settings.label_column, *extra) if c and c not in split.column_names]
         if missing:
+            if partition_column in missing:
+                hint += " / data.partition-column"
             raise DataError(
                 f"dataset {name_or_path!r} ({split_name} split) has no column(s) {missing}; its columns are "
-                f"{split.column_names}. Set data.text-column / data.text-pair-column / data.label-column."
+                f"{split.column_names}. Set {hint}."
             )
     train, test, label_names = _encode_labels(train, test, settings.label_column)
-    keep = [*text_columns, settings.label_column]
+    keep = [*inputs, settings.label_column, partition_column]
     train = train.remove_columns([c for c in train.column_names if c not in keep])
     test = test.remove_columns([c for c in test.column_names if c not in keep])
+    if image:
+        train, test = (_as_images(split, settings.image_column) for split in (train, test))
     if settings.max_train_examples:
         train = train.shuffle(seed=seed).select(range(min(settings.max_train_examples, len(train))))
     if settings.max_test_examples:
         test = test.shuffle(seed=seed).select(range(min(settings.max_test_examples, len(test))))
-    return TaskData(train, test, label_names, settings.text_column, settings.label_column, settings.text_pair_column)
+    return TaskData(
+        train,
+        test,
+        label_names,
+        settings.text_column,
+        settings.label_column,
+        settings.text_pair_column,
+        image_column=settings.image_column if image else "",
+        partition_column=partition_column,
+    )
+
+
+def _as_images(split: Dataset, column: str) -> Dataset:
+    """An image column stays a datasets Image feature (decoded to PIL on access); file paths become one."""
+    if isinstance(split.features[column], ImageFeature):
+        return split
+    return split.cast_column(column, ImageFeature())
 
 
 def _encode_labels(train: Dataset, test: Dataset, column: str) -> tuple[Dataset, Dataset, list[str]]:
@@ -229,6 +286,9 @@ def _round_preserving_sum(values: np.ndarray, total: int) -> np.ndarray:
 
 def make_partitioner(settings: DataSettings, num_clients: int, seed: int) -> Partitioner:
     by = settings.label_column
+    if settings.partitioner == "by-column":
+        # Feature non-IID: one client per value of the column (e.g. a domain), flwr-datasets' natural-id split.
+        return NaturalIdPartitioner(partition_by=settings.partition_column)
     if settings.partitioner == "iid":
         return IidPartitioner(num_partitions=num_clients)
     if settings.partitioner == "dirichlet":
@@ -264,8 +324,18 @@ def partition(train: Dataset, settings: DataSettings, num_clients: int, seed: in
         )
     partitioner = make_partitioner(settings, num_clients, seed)
     partitioner.dataset = train
+    by_column = isinstance(partitioner, NaturalIdPartitioner)
+    if by_column and partitioner.num_partitions != num_clients:
+        values = list(partitioner.partition_id_to_natural_id.values())
+        raise DataError(
+            f"data.partition-column {settings.partition_column!r} has {len(values)} distinct value(s) "
+            f"{values[:10]}, and the by-column partitioner gives one client to each: set "
+            f"num-clients = {len(values)}"
+        )
     try:
-        shares = [partitioner.load_partition(k) for k in range(num_clients)]
+        # flwr-datasets draws a progress bar while it indexes the column's values; keep the console clean.
+        with redirect_stderr(io.StringIO()) if by_column else nullcontext():
+            shares = [partitioner.load_partition(k) for k in range(num_clients)]
     except ValueError as exc:
         raise DataError(f"could not partition {len(train)} examples over {num_clients} clients: {exc}") from exc
     empty = [k for k, share in enumerate(shares) if len(share) == 0]
@@ -306,8 +376,23 @@ def tokenize(
         encoded["labels"] = batch[label_column]
         return encoded
 
+    # datasets would fingerprint ``encode`` by pickling the whole tokenizer (≈0.6 s per call: most of a simulated
+    # client's first round); a fingerprint from what determines the output is as unique and costs nothing.
+    recipe = "|".join(
+        [
+            dataset._fingerprint,
+            str(getattr(tokenizer, "name_or_path", "")),
+            type(tokenizer).__name__,
+            str(len(tokenizer)),
+            text_column,
+            text_pair_column,
+            label_column,
+            str(max_length),
+        ]
+    )
+    fingerprint = hashlib.sha256(recipe.encode()).hexdigest()[:32]
     with _quiet_progress():
-        return dataset.map(encode, batched=True, remove_columns=dataset.column_names)
+        return dataset.map(encode, batched=True, remove_columns=dataset.column_names, new_fingerprint=fingerprint)
 
 
 @contextmanager
@@ -323,11 +408,53 @@ def _quiet_progress():
 
 
 def make_loader(
-    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int, shuffle: bool, seed: int = 0
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase | ImageProcessingMixin,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
 ) -> DataLoader:
-    """Batches padded to the longest sequence in the batch (fixed-length padding was ~3x slower)."""
-    collator = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    """Text: batches padded to the longest sequence in the batch (fixed-length padding was ~3x slower).
+    Images (``tokenizer`` is an image processor, ``dataset`` from ``prepare_images``): stacked pixel_values."""
+    collator = make_collator(tokenizer)
+    if not isinstance(tokenizer, ImageProcessingMixin):
+        dataset = dataset.with_format(None)  # (images keep their on-the-fly transform)
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset.with_format(None), batch_size=batch_size, shuffle=shuffle, collate_fn=collator, generator=generator
-    )
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collator, generator=generator)
+
+
+def make_collator(
+    tokenizer: PreTrainedTokenizerBase | ImageProcessingMixin,
+) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """The batch collator for examples prepared with ``tokenizer``: padding for text, stacking for images."""
+    if isinstance(tokenizer, ImageProcessingMixin):
+        return collate_images
+    return DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+
+# ---- images ---------------------------------------------------------------------------------------
+def prepare_images(dataset: Dataset, processor: ImageProcessingMixin, image_column: str, label_column: str) -> Dataset:
+    """Examples as ``{"pixel_values": (3, H, W) float tensor, "labels": int}``, computed on access.
+
+    Lazy (``with_transform``): an image becomes pixel values only when its batch is drawn, so memory holds
+    the compressed images, not ~0.6 MB of floats per 224 x 224 example (DomainNet: ~600k images). The
+    processor (e.g. ViT's: resize, rescale, normalize) runs again each epoch. Random access by index list
+    (``DataLoader`` batches, DP-SGD's Poisson batches) works as for tokenized text.
+    """
+
+    def transform(batch: dict) -> dict:
+        images = [image.convert("RGB") for image in batch[image_column]]
+        if not images:  # an empty index list (an empty Poisson batch) gives an empty batch
+            return {"pixel_values": [], "labels": []}
+        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "labels": torch.as_tensor(batch[label_column], dtype=torch.long)}
+
+    return dataset.select_columns([image_column, label_column]).with_transform(transform)
+
+
+def collate_images(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack prepared image examples into ``pixel_values`` (B, 3, H, W) and ``labels`` (B,)."""
+    return {
+        "pixel_values": torch.stack([row["pixel_values"] for row in rows]),
+        "labels": torch.stack([torch.as_tensor(row["labels"], dtype=torch.long) for row in rows]),
+    }

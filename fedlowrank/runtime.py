@@ -1,4 +1,5 @@
-"""A process-wide workspace: the model with adapters, tokenizer, task data and client partitions.
+"""A process-wide workspace: the model with adapters, tokenizer (or image processor), task data and client
+partitions.
 
 Loaded once per process (a Flower simulation actor, a SuperNode's ClientApp process, the ServerApp, or
 the in-process simulator) and reused for every round; only adapter tensors change between calls.
@@ -14,7 +15,7 @@ import torch
 from datasets import Dataset
 from peft import PeftModel
 from torch.utils.data import DataLoader
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import ImageProcessingMixin, PreTrainedTokenizerBase
 
 from fedlowrank.adapters import (
     adapter_state,
@@ -25,15 +26,30 @@ from fedlowrank.adapters import (
     split_residuals,
 )
 from fedlowrank.config import ConfigError, RunConfig
-from fedlowrank.data import ClientSplit, DataError, TaskData, load_task, make_loader, partition, tokenize
-from fedlowrank.models import load_model, load_tokenizer, pick_device
+from fedlowrank.data import (
+    ClientSplit,
+    DataError,
+    TaskData,
+    load_task,
+    make_collator,
+    make_loader,
+    partition,
+    prepare_images,
+    tokenize,
+)
+from fedlowrank.models import load_model, load_preprocessor, pick_device
+
+TRAINABLE_TASKS = ("seq-cls", "image-cls")
 
 
 @dataclass
 class Workspace:
     config: RunConfig
     model: PeftModel
-    tokenizer: PreTrainedTokenizerBase
+    # What turns raw examples into model inputs: the tokenizer for text tasks, the image processor for
+    # task = "image-cls" (the name stays: clients, servers and centralized training use it, e.g. to save
+    # it beside the adapter with save_pretrained, which both have).
+    tokenizer: PreTrainedTokenizerBase | ImageProcessingMixin
     task: TaskData
     device: torch.device
     # The adapter right after initialisation (seeded): the global starting point of a run.
@@ -59,7 +75,12 @@ class Workspace:
         return self.client_splits[partition_id]
 
     def _tokenized_split(self, name: str, index: int, dataset: Dataset) -> Dataset:
+        """Model-ready examples of a split: tokenized text, or images turned into pixel values on access."""
         key = (name, index)
+        if key not in self._tokenized and self.task.is_image:
+            self._tokenized[key] = prepare_images(
+                dataset, self.tokenizer, self.task.image_column, self.task.label_column
+            )
         if key not in self._tokenized:
             self._tokenized[key] = tokenize(
                 dataset,
@@ -76,12 +97,14 @@ class Workspace:
         return make_loader(data, self.tokenizer, self.config.train.batch_size, shuffle=True, seed=seed)
 
     def client_train_dataset(self, partition_id: int) -> Dataset:
-        """This client's tokenized training examples (DP-SGD draws its own Poisson batches from them)."""
-        return self._tokenized_split("train", partition_id, self.client_split(partition_id).train).with_format(None)
+        """This client's model-ready training examples (DP-SGD draws its own Poisson batches from them)."""
+        data = self._tokenized_split("train", partition_id, self.client_split(partition_id).train)
+        return data if self.task.is_image else data.with_format(None)  # images keep their transform
 
     @cached_property
-    def collator(self) -> DataCollatorWithPadding:
-        return DataCollatorWithPadding(self.tokenizer, return_tensors="pt")
+    def collator(self):
+        """Batches ``client_train_dataset`` rows: per-batch padding (text) or stacked pixel values (images)."""
+        return make_collator(self.tokenizer)
 
     def client_validation_loader(self, partition_id: int) -> DataLoader:
         data = self._tokenized_split("validation", partition_id, self.client_split(partition_id).validation)
@@ -130,13 +153,13 @@ def get_workspace(config: RunConfig) -> Workspace:
 
 
 def build_workspace(config: RunConfig) -> Workspace:
-    if config.task != "seq-cls":
+    if config.task not in TRAINABLE_TASKS:
         raise ConfigError(
-            "training currently supports task='seq-cls' only; causal-LM models load with "
+            "training currently supports task='seq-cls' and task='image-cls'; causal-LM models load with "
             "fedlowrank.models.load_model(task='causal-lm') but have no training loop yet"
         )
-    task = load_task(config.dataset, config.resolved_data_dir(), config.data, seed=config.seed)
-    tokenizer = load_tokenizer(config.model)
+    task = load_task(config.dataset, config.resolved_data_dir(), config.data, seed=config.seed, task=config.task)
+    tokenizer = load_preprocessor(config.model, config.task)
     device = pick_device(config.device)
     torch.manual_seed(config.seed)  # the new head and the adapter initialisation are functions of the seed
     model = load_model(config.model, config.task, task.num_labels, task.label_names, device=device)

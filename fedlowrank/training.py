@@ -101,6 +101,12 @@ def training_step(
     return float(loss.detach())
 
 
+def count_examples(batch: dict) -> int:
+    """Examples in a batch of any modality: the labels' length (else the first tensor's leading side)."""
+    counted = batch["labels"] if "labels" in batch else next(iter(batch.values()))
+    return int(counted.shape[0])
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -136,7 +142,7 @@ def train_local(
         batch = _to_device(batch, device)
         loss = training_step(model, batch, optimizer, trainable, settings.max_grad_norm)
         total_loss += loss
-        examples += int(batch["input_ids"].shape[0])
+        examples += count_examples(batch)
         if on_step is not None:
             on_step(step, loss)
     return TrainResult(loss=total_loss / steps, num_examples=examples, num_steps=steps, dataset_size=dataset_size)

@@ -135,6 +135,7 @@ def run_server(grid: Grid, config: RunConfig, reporter: Reporter | None = None) 
                 break
             raise FederationError(f"round {server_round}: no client returned a result: {_error_reasons(replies)}")
         arrays = new_arrays
+        train_round_time = time.perf_counter() - round_started  # configure, train, aggregate (no evaluation)
 
         row: dict[str, Any] = {
             "round": server_round,
@@ -167,6 +168,7 @@ def run_server(grid: Grid, config: RunConfig, reporter: Reporter | None = None) 
                 "bytes_up": bytes_up,
                 "bytes_down_per_client": bytes_down // max(len(train_messages), 1),
                 "bytes_up_per_client": bytes_up // max(len(ok_replies), 1),
+                "train_round_time": train_round_time,
                 "round_time": time.perf_counter() - round_started,
                 "wall_time": recorder.elapsed(),
             }

@@ -106,8 +106,11 @@ class BatchedGrid(InProcessGrid):
 
     Strategies see the same messages and replies as with ``InProcessGrid``, built by the same ClientApp
     code (``clients.client_app.train_batch``); only local training runs as one batched job per wave of at
-    most ``wave_size`` clients. Evaluation messages, and rounds the engine does not cover (DP-SGD,
-    federated GaLore, GaLore optimizers), go through the ClientApp one by one.
+    most ``wave_size`` clients (DP-SGD included: each client clips, noises and accounts for itself).
+    Between waves and rounds every client's state (FedSA's own B, DP accountants) stays in its ``Context``
+    or disk store, on the CPU; only the wave being trained is stacked on the device. Evaluation messages,
+    and rounds the engine does not cover (federated GaLore, GaLore optimizers), go through the ClientApp
+    one by one.
     """
 
     def __init__(self, *args, bound_config: RunConfig, wave_size: int = 0, **kwargs) -> None:

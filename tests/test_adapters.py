@@ -131,3 +131,24 @@ def test_causal_lm_loads_from_a_local_folder(tmp_path):
     peft_model = attach_lora(model, LoraSettings(r=2, target_modules=["q_proj", "v_proj"]), task="causal-lm")
     assert len(lora_factors(adapter_state(peft_model))) == 2
     assert extra_keys(adapter_state(peft_model)) == []
+
+
+@pytest.mark.parametrize("adapter", ["lora", "vera"])
+def test_fast_state_access_agrees_with_peft_state_dicts(adapter):
+    """adapter_state / load_adapter_state use the live tensors; peft's own state-dict calls see the same values."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    torch.manual_seed(0)
+    model = attach_lora(
+        load_model("minilm", num_labels=6), LoraSettings(adapter=adapter, r=4, target_modules=["query", "value"])
+    )
+    generator = torch.Generator().manual_seed(3)
+    peft_keys = get_peft_model_state_dict(model)
+    state = {k: torch.randn(v.shape, generator=generator) for k, v in adapter_state(model).items()}
+    assert set(state) == set(peft_keys)
+    load_adapter_state(model, state)
+    for key, value in get_peft_model_state_dict(model).items():
+        assert torch.equal(value.float(), state[key]), key
+    again = {k: v + 1 for k, v in state.items()}
+    set_peft_model_state_dict(model, again)
+    assert all(torch.equal(adapter_state(model)[k], again[k]) for k in again)

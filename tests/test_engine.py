@@ -87,9 +87,10 @@ def _final_adapter(run_dir):
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("strategy", ["fedit", "fedsa", "ffa"])
-def test_batched_grid_runs_the_same_federation_as_the_sequential_path(workspace, tiny_config, strategy):
-    """Same strategy code, same messages: the batched engine's run ends where the ClientApp-by-ClientApp run ends."""
+@pytest.mark.parametrize(("strategy", "wave_size"), [("fedit", 0), ("fedsa", 2), ("ffa", 0)])
+def test_batched_grid_runs_the_same_federation_as_the_sequential_path(workspace, tiny_config, strategy, wave_size):
+    """Same strategy code, same messages: the batched engine's run ends where the ClientApp-by-ClientApp run ends
+    (FedSA in waves of 2 of its 3 clients: each client's own B waits in its state between waves and rounds)."""
     import json
     from pathlib import Path
 
@@ -97,7 +98,9 @@ def test_batched_grid_runs_the_same_federation_as_the_sequential_path(workspace,
 
     finals, losses = {}, {}
     for engine in ("sequential", "batched"):
-        config = tiny_config(**{"strategy": strategy, "engine": engine, "name": f"{strategy}-{engine}"})
+        config = tiny_config(
+            **{"strategy": strategy, "engine": engine, "engine-wave-size": wave_size, "name": f"{strategy}-{engine}"}
+        )
         load_adapter_state(workspace.model, workspace.initial_state)
         run_inprocess(config)
         run_dir = Path(config.output_dir) / config.name
@@ -106,3 +109,157 @@ def test_batched_grid_runs_the_same_federation_as_the_sequential_path(workspace,
     for key, want in finals["sequential"].items():
         assert (finals["batched"][key] - want).norm() <= 1e-4 * want.norm() + 1e-6, key
     assert losses["batched"] == pytest.approx(losses["sequential"], rel=1e-4)
+
+
+def _dp_plan(dataset_size, sigma, local_steps=3, batch_size=8, budget=50.0):
+    from fedlowrank.privacy.accounting import plan_client
+
+    return plan_client(
+        dataset_size=dataset_size,
+        batch_size=batch_size,
+        local_steps=local_steps,
+        local_epochs=1,
+        num_rounds=1,
+        fraction_train=1.0,
+        target_epsilon=budget,
+        delta=1e-5,
+        noise_multiplier=sigma,
+    )
+
+
+@pytest.mark.parametrize(
+    ("sigma", "clip", "kind", "trains_a"),
+    [
+        (0.0, 1e3, "sgd", True),  # noise off, nothing clipped: plain per-example sums
+        (0.0, 0.05, "adamw", True),  # noise off, every example clipped
+        (0.8, 0.5, "adamw", True),  # noise on: each client's own noise stream, as Opacus draws it
+        (0.8, 0.5, "sgd", False),  # B only (FFA, FedSVD under DP)
+    ],
+)
+def test_batched_dp_sgd_matches_each_client_training_alone(workspace, sigma, clip, kind, trains_a):
+    """Per-client per-example clipping and noise inside the shared pass = ``train_private`` (Opacus) per client."""
+    from fedlowrank.engine import PrivateJob
+    from fedlowrank.privacy.accounting import PrivacyAccountant
+    from fedlowrank.privacy.dp_sgd import train_private
+
+    set_trainable(workspace.model, lora_a=trains_a, lora_b=True, head=True)
+    settings = TrainSettings(local_steps=3, batch_size=8, lr=5e-3)
+    starts = _start_states(workspace, 3)
+    datasets = [workspace.client_train_dataset(pid) for pid in range(3)]
+    plans = [_dp_plan(len(d), sigma, local_steps=2 + pid) for pid, d in enumerate(datasets)]  # uneven steps
+    expected, accountants = [], []
+    for pid, start in enumerate(starts):
+        load_adapter_state(workspace.model, start)
+        accountant = PrivacyAccountant()
+        train_private(
+            workspace.model,
+            datasets[pid],
+            workspace.collator,
+            settings,
+            plans[pid],
+            accountant,
+            max_grad_norm=clip,
+            engine="hooks",
+            optimizer_kind=kind,
+            seed=7 + pid,
+        )
+        expected.append(adapter_state(workspace.model))
+        accountants.append(accountant)
+    load_adapter_state(workspace.model, workspace.initial_state)
+    jobs = [
+        ClientJob(
+            start,
+            seed=7 + pid,
+            private=PrivateJob(datasets[pid], workspace.collator, plans[pid], PrivacyAccountant(), clip),
+        )
+        for pid, start in enumerate(starts)
+    ]
+    results = train_batched(workspace.model, jobs, settings, kind)
+    for k, ((state, result), want) in enumerate(zip(results, expected, strict=True)):
+        for key in want:
+            moved = (want[key] - starts[k][key]).norm()
+            error = (state[key] - want[key]).norm()
+            assert error <= 1e-4 * max(float(moved), 1e-6) + 1e-6, (k, key, float(error), float(moved))
+        assert result.num_steps == plans[k].steps_per_round
+        assert jobs[k].private.accountant.history == accountants[k].history
+        assert result.epsilon == pytest.approx(accountants[k].epsilon(1e-5), rel=1e-12)
+    if not trains_a:
+        for (state, _), start in zip(results, starts, strict=True):
+            assert all(torch.equal(state[k], start[k]) for k in state if "lora_A" in k)
+    assert all("forward" not in vars(m) for m in workspace.model.modules())
+    assert all(getattr(p, "grad_sample", None) is None for p in workspace.model.parameters())
+
+
+def test_batched_dp_refuses_a_round_past_the_budget_before_training(workspace):
+    from fedlowrank.engine import PrivateJob
+    from fedlowrank.privacy.accounting import PrivacyAccountant, PrivacyBudgetExceeded
+
+    dataset = workspace.client_train_dataset(0)
+    plan = _dp_plan(len(dataset), 0.6, local_steps=40, budget=1.0)
+    accountant = PrivacyAccountant()
+    job = ClientJob(workspace.initial_state, private=PrivateJob(dataset, workspace.collator, plan, accountant, 1.0))
+    with pytest.raises(PrivacyBudgetExceeded):
+        train_batched(workspace.model, [job], TrainSettings(local_steps=40, batch_size=8))
+    assert accountant.history == []
+
+
+def test_batched_grid_runs_dp_federation_like_the_sequential_path(workspace, tiny_config):
+    """DP-SGD clients through BatchedGrid: same final adapter and the same per-client ε ledger as one by one."""
+    import json
+    from pathlib import Path
+
+    from strategies.simulation import run_inprocess
+
+    finals, ledgers = {}, {}
+    for engine in ("sequential", "batched"):
+        config = tiny_config(
+            **{
+                "strategy": "ffa",
+                "engine": engine,
+                "name": f"dp-{engine}",
+                "dp.epsilon": 8.0,
+                "dp.max-grad-norm": 0.5,
+                "train.local-steps": 2,
+            }
+        )
+        load_adapter_state(workspace.model, workspace.initial_state)
+        run_inprocess(config)
+        run_dir = Path(config.output_dir) / config.name
+        finals[engine] = _final_adapter(run_dir)
+        ledgers[engine] = [json.loads(line)["dp_epsilon_per_client"] for line in (run_dir / "metrics.jsonl").open()]
+    for key, want in finals["sequential"].items():
+        assert (finals["batched"][key] - want).norm() <= 1e-4 * want.norm() + 1e-6, key
+    assert ledgers["batched"] == ledgers["sequential"]
+    assert max(ledgers["batched"][-1].values()) <= 8.0
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_length_sorted_chunks_give_the_same_updates_as_one_pass(workspace, private):
+    """Chunking a step by padded tokens (per-chunk padding) changes neither plain nor DP-SGD updates."""
+    from fedlowrank.engine import PrivateJob
+    from fedlowrank.privacy.accounting import PrivacyAccountant
+
+    settings = TrainSettings(local_steps=2, batch_size=8, lr=5e-3)
+    starts = _start_states(workspace, 3)
+
+    def jobs():
+        if not private:
+            return [
+                ClientJob(s, workspace.client_train_loader(pid, seed=3 + pid), 3 + pid) for pid, s in enumerate(starts)
+            ]
+        out = []
+        for pid, start in enumerate(starts):
+            data = workspace.client_train_dataset(pid)
+            job = PrivateJob(
+                data, workspace.collator, _dp_plan(len(data), 0.7, local_steps=2), PrivacyAccountant(), 0.5
+            )
+            out.append(ClientJob(start, seed=3 + pid, private=job))
+        return out
+
+    # SGD: the update is linear in the gradient (AdamW's first step, g/|g|, magnifies float rounding)
+    whole = train_batched(workspace.model, jobs(), settings, "sgd", max_tokens=0)
+    chunked = train_batched(workspace.model, jobs(), settings, "sgd", max_tokens=40)  # a few examples per chunk
+    for k, ((state, _), (want, _)) in enumerate(zip(chunked, whole, strict=True)):
+        for key in want:
+            moved = (want[key] - starts[k][key]).norm()
+            assert (state[key] - want[key]).norm() <= 1e-4 * max(float(moved), 1e-6) + 1e-7, key

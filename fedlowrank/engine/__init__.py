@@ -1,5 +1,5 @@
 """Many clients on one device: the batched multi-client LoRA trainer (see ``batched.py``)."""
 
-from fedlowrank.engine.batched import ClientJob, train_batched
+from fedlowrank.engine.batched import ClientJob, PrivateJob, train_batched
 
-__all__ = ["ClientJob", "train_batched"]
+__all__ = ["ClientJob", "PrivateJob", "train_batched"]

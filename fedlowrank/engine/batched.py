@@ -2,19 +2,30 @@
 
 Every client's examples of a step go through the shared base together; each adapted layer applies each
 example's own client adapter (``fedlowrank.kernels.multi_lora``: stacked A (K, r, d) and B (K, k, r),
-Triton on GPU, batched matrix products elsewhere), and the classifier head is per client too. The loss is
-Σ_k mean_{i ∈ batch_k} L_i, so client k's gradient is exactly the gradient of its own mean batch loss —
-what ``train_local`` computes for it alone. AdamW and SGD act elementwise, so one optimizer over the
-stacked tensors is K independent optimizers; a client that has run all its steps is frozen (its slice is
-restored after later steps). Each client keeps its own data order (its own loader and seed).
+Triton on GPU, batched matrix products elsewhere), and the classifier head is per client too. AdamW and
+SGD act elementwise, so one optimizer over the stacked tensors is K independent optimizers; a client that
+has run all its steps is frozen (its slice is restored after later steps). Each client keeps its own data
+order (its own loader and seed, or its own Poisson sampler under DP).
+
+Two ways to turn a step's shared backward into K clients' gradients, chosen per run:
+- plain: the loss is Σ_k mean_{i ∈ batch_k} L_i, so client k's gradient is exactly the gradient of its own
+  mean batch loss — what ``train_local`` computes for it alone (then optional per-client norm clipping);
+- private (DP-SGD, every job has a ``PrivateJob``): the backward writes per-example gradients of each
+  client's own adapter (``kernels.per_sample_lora_grads``) to ``grad_sample``; each example is clipped
+  to its client's C, the clipped gradients are summed per client, each client adds its own Gaussian noise
+  N(0, σ_k²C_k²) from its own generator and divides by its expected batch size — Opacus' DPOptimizer
+  arithmetic, in the same parameter order, so a seeded client gets the update ``train_private`` gives it.
+  Each client draws Poisson batches at its own q (an empty batch still takes its noise-only step), and its
+  accountant is stepped for every noisy step.
 
 The model is left as it was (forwards restored, adapter untouched): the caller reads each client's end
-state from the returned dictionaries.
+state from the returned dictionaries. Jobs' start states live wherever the caller keeps them (CPU); only
+the wave being trained is stacked on the device, and results come back on the CPU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -23,20 +34,35 @@ from peft import PeftModel
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.autograd.function import once_differentiable
+from torch.utils.data import DataLoader, Dataset
 
 from fedlowrank.config import TrainSettings
-from fedlowrank.kernels import multi_lora
+from fedlowrank.kernels import multi_lora, per_sample_lora_grads, uses_triton
+from fedlowrank.privacy.accounting import ClientDPPlan, PrivacyAccountant, ensure_within_budget
+from fedlowrank.privacy.dp_sgd import DPTrainResult, PoissonBatches
 from fedlowrank.training import TrainResult, cycle_batches, make_optimizer, planned_steps
 
 PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0}
 
 
 @dataclass
+class PrivateJob:
+    """What DP-SGD needs for one client: its examples, its σ plan, its accountant and clipping norm."""
+
+    dataset: Dataset
+    collate: Callable[[list], dict[str, torch.Tensor]]
+    plan: ClientDPPlan
+    accountant: PrivacyAccountant  # stepped in place, once per noisy step
+    max_grad_norm: float
+
+
+@dataclass
 class ClientJob:
     start_state: dict[str, torch.Tensor]  # the adapter this client starts from (peft state-dict keys)
-    loader: DataLoader  # its own examples in its own order
+    loader: DataLoader | None = None  # its own examples in its own order (plain training)
     seed: int = 0
+    private: PrivateJob | None = None  # DP-SGD instead of the loader
 
 
 @dataclass
@@ -49,6 +75,7 @@ class _Stacked:
 
 class _BatchContext:
     client_index: torch.Tensor | None = None
+    per_sample: bool = False  # DP: backward writes per-example gradients to ``grad_sample``
 
 
 def _lora_layers(model: PeftModel) -> dict[str, LoraLinear]:
@@ -76,6 +103,64 @@ def _pad_and_concat(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.T
     return {key: torch.cat(values) for key, values in out.items()}
 
 
+def _add_grad_sample(param: torch.Tensor, grad_sample: torch.Tensor) -> None:
+    existing = getattr(param, "grad_sample", None)
+    param.grad_sample = grad_sample if existing is None else existing + grad_sample
+
+
+class _PerSampleMultiLoRA(torch.autograd.Function):
+    """``s · B_c (A_c x_n)`` whose backward returns ∂/∂x and writes per-example ∇A_n, ∇B_n to ``grad_sample``
+    (the summed gradient is never formed: DP-SGD clips before summing)."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, client_index, scale):
+        idx = client_index.long()
+        h = torch.bmm(x, A.index_select(0, idx).transpose(1, 2))
+        ctx.save_for_backward(x, A, B, client_index, h)
+        ctx.scale, ctx.a_param, ctx.b_param = float(scale), A, B
+        return torch.bmm(h, B.index_select(0, idx).transpose(1, 2)) * scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, A, B, client_index, h = ctx.saved_tensors
+        idx, scale = client_index.long(), ctx.scale
+        v = torch.bmm(grad_out, B.index_select(0, idx)) * scale  # g_n B_c, shared by ∂x and ∇A_n
+        grad_x = torch.bmm(v, A.index_select(0, idx)) if ctx.needs_input_grad[0] else None
+        if uses_triton("auto", x, A, B, grad_out, rank=A.shape[1]):
+            grad_a, grad_b = per_sample_lora_grads(x, A, B, client_index, scale, grad_out)
+        else:
+            grad_a, grad_b = torch.bmm(v.transpose(1, 2), x), torch.bmm(grad_out.transpose(1, 2), h) * scale
+        if ctx.needs_input_grad[1]:
+            _add_grad_sample(ctx.a_param, grad_a)
+        if ctx.needs_input_grad[2]:
+            _add_grad_sample(ctx.b_param, grad_b)
+        return grad_x, None, None, None, None
+
+
+class _PerSampleHead(torch.autograd.Function):
+    """Per-client linear head ``W_c h_n + b_c`` with per-example ∇W_n = g_n h_nᵀ, ∇b_n = g_n."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, client_index):
+        idx = client_index.long()
+        ctx.save_for_backward(x, weight, client_index)
+        ctx.weight, ctx.bias = weight, bias
+        out = torch.einsum("nh,nch->nc", x, weight.index_select(0, idx))
+        return out + bias.index_select(0, idx) if bias is not None else out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, client_index = ctx.saved_tensors
+        grad_x = torch.einsum("nc,nch->nh", grad_out, weight.index_select(0, client_index.long()))
+        if ctx.needs_input_grad[1]:
+            _add_grad_sample(ctx.weight, torch.einsum("nc,nh->nch", grad_out, x))
+        if ctx.bias is not None and ctx.needs_input_grad[2]:
+            _add_grad_sample(ctx.bias, grad_out.clone())
+        return grad_x, None, None, None
+
+
 @contextmanager
 def _patched(model: PeftModel, stacks: dict[str, _Stacked], context: _BatchContext):
     """Route every LoRA layer and the head through the stacked per-client tensors while inside."""
@@ -91,7 +176,13 @@ def _patched(model: PeftModel, stacks: dict[str, _Stacked], context: _BatchConte
 
             def forward(x, *args, _a=a_stack, _b=b_stack, _s=scaling, _d=dropout, _base=base, **kwargs):
                 result = _base(x, *args, **kwargs)
-                lora = multi_lora(_d(x).to(_a.dtype), _a, _b, context.client_index, _s)
+                x_in = _d(x).to(_a.dtype)
+                if context.per_sample and torch.is_grad_enabled():
+                    flat = x_in if x_in.dim() == 3 else x_in.unsqueeze(1)
+                    lora = _PerSampleMultiLoRA.apply(flat, _a, _b, context.client_index, _s)
+                    lora = lora if x_in.dim() == 3 else lora.squeeze(1)
+                else:
+                    lora = multi_lora(x_in, _a, _b, context.client_index, _s)
                 return result + lora.to(result.dtype)
 
         else:  # the per-client classifier head
@@ -101,6 +192,8 @@ def _patched(model: PeftModel, stacks: dict[str, _Stacked], context: _BatchConte
 
             def forward(x, *args, _w=weight, _bias=bias, **kwargs):
                 index = context.client_index
+                if context.per_sample and torch.is_grad_enabled():
+                    return _PerSampleHead.apply(x, _w, _bias, index)
                 out = torch.einsum("nh,nch->nc", x, _w[index])
                 return out + _bias[index] if _bias is not None else out
 
@@ -145,52 +238,207 @@ def _clip_per_client_(params: list[nn.Parameter], max_norm: float) -> None:
             p.grad.mul_(factors.view(-1, *([1] * (p.dim() - 1))))
 
 
+class _PrivateClients:
+    """The DP side of a wave: per-client Poisson batches, clipping norms, noise generators and accountants."""
+
+    def __init__(self, jobs: list[ClientJob], device: torch.device) -> None:
+        self.jobs = [job.private for job in jobs]
+        self.device = device
+        # the same generators train_private seeds: sampling from ``seed``, noise from ``seed + 1``
+        self.noise_generators = [torch.Generator(device=device).manual_seed(job.seed + 1) for job in jobs]
+        self.clip = torch.tensor([p.max_grad_norm for p in self.jobs], device=device)
+        self.empty = [0] * len(jobs)
+
+    def steps(self) -> list[int]:
+        return [p.plan.steps_per_round for p in self.jobs]
+
+    def batches(self, k: int, seed: int) -> Iterator[dict | None]:
+        private = self.jobs[k]
+        sampler = PoissonBatches(
+            len(private.dataset),
+            private.plan.sample_rate,
+            private.plan.steps_per_round,
+            torch.Generator().manual_seed(seed),
+        )
+        for indices in sampler:
+            if not indices:
+                self.empty[k] += 1
+                yield None
+            else:
+                yield private.collate([private.dataset[i] for i in indices])
+
+    def privatize_(self, params: list[nn.Parameter], client_index: torch.Tensor, active: list[int]) -> None:
+        """p.grad[k] = (Σ_{n ∈ batch_k} clip_{C_k}(∇_n) + N(0, σ_k²C_k²)) / E[b_k] for the active clients."""
+        count = client_index.shape[0]
+        samples = [
+            p.grad_sample if getattr(p, "grad_sample", None) is not None else p.new_zeros((count, *p.shape[1:]))
+            for p in params
+        ]
+        norms = torch.stack([s.reshape(count, -1).norm(2, dim=1) for s in samples], dim=1).norm(2, dim=1)
+        factors = (self.clip[client_index] / (norms + 1e-6)).clamp(max=1.0)
+        grads = []
+        for p, sample in zip(params, samples, strict=True):
+            clipped = sample * factors.view(-1, *([1] * (sample.dim() - 1))).to(sample.dtype)
+            grads.append(torch.zeros_like(p).index_add_(0, client_index, clipped))
+            p.grad_sample = None
+        for k in active:  # noise in the optimizer's parameter order, from the client's own generator
+            plan, clip = self.jobs[k].plan, self.jobs[k].max_grad_norm
+            std = plan.noise_multiplier * clip
+            for p, grad in zip(params, grads, strict=True):
+                if std > 0:
+                    grad[k] += torch.normal(
+                        0.0, std, size=p.shape[1:], device=p.device, generator=self.noise_generators[k]
+                    )
+                grad[k] /= plan.expected_batch_size
+        for p, grad in zip(params, grads, strict=True):
+            p.grad = grad
+
+    def account(self) -> None:
+        for private in self.jobs:
+            private.accountant.step(
+                private.plan.noise_multiplier, private.plan.sample_rate, private.plan.steps_per_round
+            )
+
+
+def _check_private(jobs: list[ClientJob]) -> bool:
+    private = [job.private is not None for job in jobs]
+    if any(private) and not all(private):
+        raise ValueError("a wave must be all DP-SGD jobs or none")
+    if not any(private) and any(job.loader is None for job in jobs):
+        raise ValueError("a plain ClientJob needs a loader")
+    for job in jobs:
+        if job.private is not None:
+            ensure_within_budget(job.private.accountant, job.private.plan)
+            if len(job.private.dataset) == 0:
+                raise ValueError("cannot train on an empty dataset")
+    return all(private)
+
+
+def _chunks(lengths: torch.Tensor, max_tokens: int) -> list[torch.Tensor]:
+    """Example indices, longest first, in groups whose padded size (count × longest) stays within
+    ``max_tokens`` (0: one group). Short sequences then are not padded to the step's longest one."""
+    order = torch.argsort(lengths, descending=True, stable=True)
+    if max_tokens <= 0:
+        return [order]
+    groups, start = [], 0
+    while start < len(order):
+        longest = max(int(lengths[order[start]]), 1)
+        size = max(1, max_tokens // longest)
+        groups.append(order[start : start + size])
+        start += size
+    return groups
+
+
+def _forward_backward(
+    model: PeftModel,
+    batch: dict[str, torch.Tensor],
+    owner: torch.Tensor,
+    scale: torch.Tensor,
+    per_sample_params: list[nn.Parameter],
+    context: _BatchContext,
+    device: torch.device,
+    max_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backpropagate Σ_n scale_n L_n over the step's examples, in length-sorted chunks; returns the per-example
+    losses and owning clients in the order processed (per-sample gradients, if any, are in that order too)."""
+    mask = batch.get("attention_mask")
+    lengths = mask.sum(dim=1) if mask is not None else torch.full((len(owner),), batch["input_ids"].shape[1])
+    # trimming the padding columns of a chunk is only right for right-padded batches
+    right_padded = mask is None or bool(
+        (mask.cumsum(dim=1) == mask.sum(dim=1, keepdim=True)).logical_or(mask == 1).all()
+    )
+    losses, owners, samples = [], [], {id(p): [] for p in per_sample_params}
+    for chunk in _chunks(lengths, max_tokens):
+        width = int(lengths[chunk].max()) if right_padded and mask is not None else batch["input_ids"].shape[1]
+        inputs = {
+            key: (value[chunk, :width] if value.dim() == 2 and key in PAD_VALUES else value[chunk]).to(device)
+            for key, value in batch.items()
+        }
+        labels = inputs.pop("labels")
+        context.client_index = owner[chunk].to(device)
+        per_example = nn.functional.cross_entropy(model(**inputs).logits, labels, reduction="none")
+        (per_example * scale[chunk].to(device)).sum().backward()
+        for p in per_sample_params:  # per-example gradients of this chunk, kept in processing order
+            samples[id(p)].append(p.grad_sample)
+            p.grad_sample = None
+        losses.append(per_example.detach())
+        owners.append(context.client_index)
+    for p in per_sample_params:
+        p.grad_sample = torch.cat(samples[id(p)]) if samples[id(p)][0] is not None else None
+    return torch.cat(losses), torch.cat(owners)
+
+
 def train_batched(
     model: PeftModel,
     jobs: list[ClientJob],
     settings: TrainSettings,
     optimizer_kind: str = "adamw",
-) -> list[tuple[dict[str, torch.Tensor], TrainResult]]:
+    max_tokens: int = 0,
+) -> list[tuple[dict[str, torch.Tensor], TrainResult | DPTrainResult]]:
     """Train every job's adapter for its planned steps in shared forward/backward passes.
 
-    Returns, per job, its end adapter state (the start state with its trained tensors replaced) and its
-    ``TrainResult``. The trainable parts are those marked trainable on ``model`` (the same for every client).
+    Returns, per job, its end adapter state (the start state with its trained tensors replaced, on the CPU)
+    and its ``TrainResult`` (``DPTrainResult`` for private jobs, whose accountants are stepped in place).
+    The trainable parts are those marked trainable on ``model`` (the same for every client). A step's examples
+    go through the model longest first in chunks of at most ``max_tokens`` padded tokens (0: all at once),
+    each chunk padded only to its own longest example: less padding, and bounded activation memory. Private jobs
+    are checked against their budgets first: ``PrivacyBudgetExceeded`` is raised before anything trains.
     """
     if not jobs:
         return []
+    is_private = _check_private(jobs)
     device = next(model.parameters()).device
     stacks = _build_stacks(model, jobs, device)
     params = [t for stack in stacks.values() for t in stack.tensors.values() if isinstance(t, nn.Parameter)]
+    if not params:
+        raise ValueError("no trainable parameters: nothing to optimize")
     optimizer = make_optimizer(params, settings, optimizer_kind)
-    sizes = [len(job.loader.dataset) for job in jobs]
-    if min(sizes) == 0:
-        raise ValueError("a client has no training examples")
-    steps = [planned_steps(settings, n) for n in sizes]
-    iterators: list[Iterator[dict]] = []
-    for job, count in zip(jobs, steps, strict=True):
-        torch.manual_seed(job.seed)  # the loader's shuffling is seeded by its own generator
-        iterators.append(iter(cycle_batches(job.loader, count)))
+    private = _PrivateClients(jobs, device) if is_private else None
+    if private is not None:
+        sizes = [len(job.private.dataset) for job in jobs]
+        steps = private.steps()
+        iterators: list[Iterator[dict | None]] = [private.batches(k, job.seed) for k, job in enumerate(jobs)]
+    else:
+        sizes = [len(job.loader.dataset) for job in jobs]
+        if min(sizes) == 0:
+            raise ValueError("a client has no training examples")
+        steps = [planned_steps(settings, n) for n in sizes]
+        iterators = []
+        for job, count in zip(jobs, steps, strict=True):
+            torch.manual_seed(job.seed)  # the loader's shuffling is seeded by its own generator
+            iterators.append(iter(cycle_batches(job.loader, count)))
     losses = [0.0] * len(jobs)
     examples = [0] * len(jobs)
     context = _BatchContext()
+    context.per_sample = is_private
     model.train()
     with _patched(model, stacks, context):
         for step in range(max(steps)):
             active = [k for k, count in enumerate(steps) if step < count]
-            batches = [next(iterators[k]) for k in active]
-            counts = [b["input_ids"].shape[0] for b in batches]
-            batch = {k: v.to(device) for k, v in _pad_and_concat(batches).items()}
-            labels = batch.pop("labels")
-            context.client_index = torch.repeat_interleave(
-                torch.tensor(active, device=device), torch.tensor(counts, device=device)
-            )
-            logits = model(**batch).logits
-            per_example = nn.functional.cross_entropy(logits, labels, reduction="none")
-            weights = torch.repeat_interleave(
-                torch.tensor([1.0 / c for c in counts], device=device), torch.tensor(counts, device=device)
-            )
-            (per_example * weights).sum().backward()
-            if settings.max_grad_norm > 0:
+            drawn = [(k, next(iterators[k])) for k in active]
+            present = [(k, b) for k, b in drawn if b is not None]  # DP: empty Poisson batches drop out here
+            context.client_index = torch.zeros(0, dtype=torch.long, device=device)
+            if present:
+                clients = [k for k, _ in present]
+                counts = [b["labels"].shape[0] for _, b in present]
+                batch = _pad_and_concat([b for _, b in present])
+                owner = torch.repeat_interleave(torch.tensor(clients), torch.tensor(counts))
+                # plain: Σ_k mean over batch_k; DP: Σ_n L_n (per-example gradients, clipped before any sum)
+                scale = (
+                    torch.ones(len(owner))
+                    if is_private
+                    else 1.0 / torch.tensor(counts).repeat_interleave(torch.tensor(counts)).float()
+                )
+                per_example, context.client_index = _forward_backward(
+                    model, batch, owner, scale, params if is_private else [], context, device, max_tokens
+                )
+                sums = torch.zeros(len(jobs), device=device).index_add(0, context.client_index, per_example)
+                for k, c in zip(clients, counts, strict=True):
+                    losses[k] += float(sums[k]) / (1 if is_private else c)
+                    examples[k] += c
+            if private is not None:
+                private.privatize_(params, context.client_index, active)
+            elif settings.max_grad_norm > 0:
                 _clip_per_client_(params, settings.max_grad_norm)
             finished = [k for k, count in enumerate(steps) if step >= count]
             frozen = [p.detach()[finished].clone() for p in params] if finished else []
@@ -200,18 +448,40 @@ def train_batched(
                 with torch.no_grad():
                     for p, saved in zip(params, frozen, strict=True):
                         p[finished] = saved
-            sums = torch.zeros(len(jobs), device=device).index_add(0, context.client_index, per_example.detach())
-            for k, c in zip(active, counts, strict=True):
-                losses[k] += float(sums[k]) / c
-                examples[k] += c
+    if private is not None:
+        private.account()
     results = []
     for k, job in enumerate(jobs):
         state = dict(job.start_state)
         for stack in stacks.values():
             for key, tensor in stack.tensors.items():
                 state[key] = tensor.detach()[k].to("cpu", torch.float32).clone()
-        result = TrainResult(
-            loss=losses[k] / steps[k], num_examples=examples[k], num_steps=steps[k], dataset_size=sizes[k]
-        )
+        if private is not None:
+            plan = job.private.plan
+            _check_moved(
+                state,
+                job.start_state,
+                [k for s in stacks.values() for k, t in s.tensors.items() if isinstance(t, nn.Parameter)],
+            )
+            result = DPTrainResult(
+                loss=losses[k] / max(examples[k], 1),
+                num_examples=examples[k],
+                num_steps=steps[k],
+                dataset_size=sizes[k],
+                empty_batches=private.empty[k],
+                epsilon=job.private.accountant.epsilon(plan.delta),
+                noise_multiplier=plan.noise_multiplier,
+                sample_rate=plan.sample_rate,
+            )
+        else:
+            result = TrainResult(
+                loss=losses[k] / steps[k], num_examples=examples[k], num_steps=steps[k], dataset_size=sizes[k]
+            )
         results.append((state, result))
     return results
+
+
+def _check_moved(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor], trained: list[str]) -> None:
+    # The silent no-update hazard of DP training (opacus #820): a noisy step always moves the weights.
+    if all(torch.equal(state[key], start[key].to(state[key].dtype)) for key in trained):
+        raise RuntimeError("DP-SGD finished but a client's trainable weights are bit-identical to its start")

@@ -170,6 +170,17 @@ class ClientDPPlan:
         )
 
 
+def ensure_within_budget(accountant: PrivacyAccountant, plan: ClientDPPlan) -> None:
+    """Raise ``PrivacyBudgetExceeded`` if one more round of ``plan`` would take ``accountant`` past its ε."""
+    sigma, q, steps = plan.noise_multiplier, plan.sample_rate, plan.steps_per_round
+    after = accountant.epsilon_after(sigma, q, steps, plan.delta)
+    if after > plan.target_epsilon * (1 + 1e-9):
+        raise PrivacyBudgetExceeded(
+            f"another round ({steps} steps at σ={sigma:.4g}, q={q:.4g}) would reach ε={after:.3f} > budget "
+            f"{plan.target_epsilon:g} (δ={plan.delta:g}); spent so far ε={accountant.epsilon(plan.delta):.3f}"
+        )
+
+
 def planned_rounds(num_rounds: int, fraction_train: float, participation: str) -> int:
     """Rounds a client is assumed to join: all of them, or the expected number under client sampling."""
     if participation == "every-round":

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedlowrank.config import TrainSettings
-from fedlowrank.privacy.accounting import ClientDPPlan, PrivacyAccountant, PrivacyBudgetExceeded
+from fedlowrank.privacy.accounting import ClientDPPlan, PrivacyAccountant, ensure_within_budget
 from fedlowrank.privacy.fused import FusedPerSampleGrads, empty_grad_samples
 from fedlowrank.training import make_optimizer
 
@@ -109,12 +109,7 @@ def train_private(
         raise ValueError("cannot train on an empty dataset")
     sigma, q, steps = plan.noise_multiplier, plan.sample_rate, plan.steps_per_round
     if check_budget:
-        after = accountant.epsilon_after(sigma, q, steps, plan.delta)
-        if after > plan.target_epsilon * (1 + 1e-9):
-            raise PrivacyBudgetExceeded(
-                f"another round ({steps} steps at σ={sigma:.4g}, q={q:.4g}) would reach ε={after:.3f} > budget "
-                f"{plan.target_epsilon:g} (δ={plan.delta:g}); spent so far ε={accountant.epsilon(plan.delta):.3f}"
-            )
+        ensure_within_budget(accountant, plan)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
