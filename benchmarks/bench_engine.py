@@ -84,6 +84,7 @@ def run_config(args: argparse.Namespace, mode: str, clients: int, sizes: str, ou
         "server-eval-every": 10_000,  # evaluation only after the last round, outside the timed phase
         "device": args.device,
         "engine": "batched" if mode == "batched" else "sequential",
+        "engine-max-tokens": args.max_tokens,
         "data.partitioner": "iid" if sizes == "equal" else "dirichlet",
         "data.dirichlet-alpha": 0.5,
         "data.validation-fraction": 0.0,
@@ -166,8 +167,9 @@ def worker(args: argparse.Namespace) -> dict:
     output = Path(tempfile.mkdtemp(prefix="bench-engine-"))
     config = run_config(args, args.worker, args.worker_clients, args.worker_sizes, output)
     with MemoryWatch() as memory:
+        extra: dict = {}
         if args.worker == "centralized":
-            seconds, examples = centralized(config, args)
+            seconds, examples, extra = centralized(config, args)
         elif args.worker == "flower":
             from flwr.simulation import run_simulation
 
@@ -191,11 +193,12 @@ def worker(args: argparse.Namespace) -> dict:
 
             run_inprocess(config, Reporter())
             seconds, examples = federated_round_time(config)
-    return {"seconds": seconds, "examples": examples, "examples_per_s": examples / seconds, **memory.as_dict()}
+    return {"seconds": seconds, "examples": examples, "examples_per_s": examples / seconds, **extra, **memory.as_dict()}
 
 
-def centralized(config, args: argparse.Namespace) -> tuple[float, int]:
-    """One adapter on the clients' pooled examples, batch K·b, as many examples as one federated round."""
+def centralized(config, args: argparse.Namespace) -> tuple[float, int, dict]:
+    """One adapter on the clients' pooled examples, batch K·b, as many examples as one federated round: the
+    faster of plain ``train_local`` and the same batches in the batched engine's length-sorted chunks."""
     import dataclasses
 
     import torch
@@ -210,21 +213,39 @@ def centralized(config, args: argparse.Namespace) -> tuple[float, int]:
     pooled.local_steps = max(1, -(-examples // pooled.batch_size))
     workspace.config = dataclasses.replace(config, train=pooled)  # its train loader batches K·b
     loader = workspace.train_loader(seed=0)
-    times = []
-    for _ in range(args.rounds):
+    from fedlowrank.engine import ClientJob, train_batched
+
+    def plain() -> None:  # train_local: each batch of K·b padded to its longest example
         load_adapter_state(workspace.model, workspace.initial_state)
-        started = time.perf_counter()
         train_local(workspace.model, loader, pooled)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    steady = times[1:] if len(times) > 1 else times  # the first pass warms up, as round 1 does elsewhere
-    return statistics.median(steady), min(examples, pooled.local_steps * pooled.batch_size)
+
+    def chunked() -> None:  # the same batches through length-sorted token chunks (gradient accumulation)
+        job = ClientJob(workspace.initial_state, loader, 0)
+        train_batched(workspace.model, [job], pooled, max_tokens=resolved_max_tokens(config))
+
+    best = {}
+    for name, fn in (("plain", plain), ("chunked", chunked)):
+        times = []
+        for _ in range(args.rounds):
+            started = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        best[name] = statistics.median(times[1:] if len(times) > 1 else times)  # the first pass warms up
+    processed = min(examples, pooled.local_steps * pooled.batch_size)
+    return min(best.values()), processed, {f"centralized_{k}_examples_per_s": processed / v for k, v in best.items()}
+
+
+def resolved_max_tokens(config) -> int:
+    from clients.client_app import engine_max_tokens
+
+    return engine_max_tokens(config)
 
 
 def run_mode(args: argparse.Namespace, mode: str, clients: int, sizes: str) -> dict:
     command = [sys.executable, __file__, "--worker", mode, "--worker-clients", str(clients), "--worker-sizes", sizes]
-    for name in ("model", "steps", "batch", "rounds", "device", "data_dir", "flower_gpus"):
+    for name in ("model", "steps", "batch", "rounds", "device", "data_dir", "flower_gpus", "max_tokens"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
@@ -246,6 +267,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="rounds per federated run (rounds 2.. are timed)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-tokens", type=int, default=0, help="engine-max-tokens (0: the engine's automatic)")
     parser.add_argument("--flower-gpus", type=float, default=0.0, help="Flower client_resources num_gpus")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per mode before it is abandoned")
     parser.add_argument("--data-dir", default=os.environ.get("FEDLOWRANK_DATA", str(REPO.parent / "shared" / "data")))

@@ -28,6 +28,7 @@ from fedlowrank.adapters import (
 from fedlowrank.config import ConfigError, RunConfig
 from fedlowrank.galore_setup import PROJECTED_SUFFIX, fed_galore_client_train, fed_galore_modules
 from fedlowrank.metrics import personalization_gap
+from fedlowrank.models import pick_device
 from fedlowrank.privacy.accounting import (
     ClientDPPlan,
     PrivacyAccountant,
@@ -278,7 +279,7 @@ def train_batch(messages: list[Message], contexts: list[Context], bound: RunConf
             list(work.values()),
             config.train,
             config.optimizer,
-            max_tokens=config.engine_max_tokens,
+            max_tokens=engine_max_tokens(config),
         )
         elapsed = (time.perf_counter() - started) / len(work)  # the wave's time, shared out
         for index, (state, result) in zip(work, trained, strict=True):
@@ -288,6 +289,15 @@ def train_batch(messages: list[Message], contexts: list[Context], bound: RunConf
                 extra = _private_finish(job, plans[index], work[index].private.accountant, result)
             replies[index] = finish_train(messages[index], job, state, result, elapsed, extra)
     return [replies[index] for index in range(len(messages))]
+
+
+def engine_max_tokens(config: RunConfig) -> int:
+    """The batched engine's chunk size in padded tokens: ``engine-max-tokens``, or by device when 0 (small
+    chunks stay in a CPU's caches: 4,096 tokens ran 4-5x faster than one pass of 60k on 2 cores; a GPU
+    wants large ones)."""
+    if config.engine_max_tokens > 0:
+        return config.engine_max_tokens
+    return 32768 if pick_device(config.device).type == "cuda" else 4096
 
 
 def _private_plan(job: ClientRound) -> tuple[ClientDPPlan, PrivacyAccountant]:

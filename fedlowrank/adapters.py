@@ -292,6 +292,9 @@ def base_weights(model: PeftModel) -> dict[str, torch.Tensor]:
     return {layer: _lora_layer(model, layer).base_layer.weight.detach().clone() for layer in layers}
 
 
+_RESIDUAL_LAYERS = "_fedlowrank_residual_layers"  # layers whose base weight holds a folded residual now
+
+
 def set_base_residuals(
     model: PeftModel, originals: dict[str, torch.Tensor], residuals: dict[str, torch.Tensor]
 ) -> None:
@@ -300,12 +303,18 @@ def set_base_residuals(
     ΔW is in product orientation (d_out x d_in); layers that store the weight transposed (GPT-2's
     Conv1D, peft's ``fan_in_fan_out``) get ΔWᵀ, the orientation FedEx-LoRA's official code gets wrong.
     """
+    # Only layers changed before or changing now are written: a plain round then copies no base weight.
+    changed = model.__dict__.setdefault(_RESIDUAL_LAYERS, set())
     with torch.no_grad():
         for layer, original in originals.items():
+            if layer not in changed and layer not in residuals:
+                continue
             module = _lora_layer(model, layer)
             weight = module.base_layer.weight
             weight.copy_(original)
+            changed.discard(layer)
             if layer in residuals:
+                changed.add(layer)
                 delta = residuals[layer].to(weight.device, weight.dtype)
                 if getattr(module, "fan_in_fan_out", False):
                     delta = delta.T
@@ -315,16 +324,19 @@ def set_base_residuals(
 # ---- freezing and counting ------------------------------------------------------------------------
 def set_trainable(model: PeftModel, *, lora_a: bool = True, lora_b: bool = True, head: bool = True) -> None:
     """Choose which adapter parts train. Everything outside the adapter stays frozen."""
-    for name, param in model.named_parameters():
-        role = key_role(name)
-        if role == "A":
-            param.requires_grad_(lora_a)
-        elif role == "B":
-            param.requires_grad_(lora_b)
-        elif ".modules_to_save." in name:
-            param.requires_grad_(head)
-        else:
-            param.requires_grad_(False)
+    roles = model.__dict__.get(_PARAMETER_ROLES)
+    if roles is None:  # walking the module tree costs more than a simulated client's step: do it once
+        roles = [
+            (param, key_role(name) if key_role(name) in ("A", "B") else "head" if ".modules_to_save." in name else "")
+            for name, param in model.named_parameters()
+        ]
+        model.__dict__[_PARAMETER_ROLES] = roles
+    wanted = {"A": lora_a, "B": lora_b, "head": head, "": False}
+    for param, role in roles:
+        param.requires_grad_(wanted[role])
+
+
+_PARAMETER_ROLES = "_fedlowrank_parameter_roles"
 
 
 @dataclass(frozen=True)

@@ -203,8 +203,9 @@ class RunConfig:
     # Batched engine: at most this many clients per wave (0: all sampled clients at once).
     engine_wave_size: int = 0
     # Batched engine: a step's examples run longest first in chunks of at most this many padded tokens, each
-    # padded to its own longest example (less padding, bounded activation memory); 0: one chunk per step.
-    engine_max_tokens: int = 32768
+    # padded to its own longest example (less padding, bounded activation memory); 0: automatic (4,096 on a
+    # CPU, 32,768 on a GPU).
+    engine_max_tokens: int = 0
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)

@@ -417,7 +417,7 @@ def make_loader(
     """Text: batches padded to the longest sequence in the batch (fixed-length padding was ~3x slower).
     Images (``tokenizer`` is an image processor, ``dataset`` from ``prepare_images``): stacked pixel_values."""
     collator = make_collator(tokenizer)
-    if not isinstance(tokenizer, ImageProcessingMixin):
+    if not isinstance(tokenizer, ImageProcessingMixin) and dataset.format["type"] is not None:
         dataset = dataset.with_format(None)  # (images keep their on-the-fly transform)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collator, generator=generator)

@@ -99,7 +99,9 @@ class Workspace:
     def client_train_dataset(self, partition_id: int) -> Dataset:
         """This client's model-ready training examples (DP-SGD draws its own Poisson batches from them)."""
         data = self._tokenized_split("train", partition_id, self.client_split(partition_id).train)
-        return data if self.task.is_image else data.with_format(None)  # images keep their transform
+        if self.task.is_image or data.format["type"] is None:  # images keep their transform
+            return data
+        return data.with_format(None)
 
     @cached_property
     def collator(self):

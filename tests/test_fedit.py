@@ -97,3 +97,27 @@ def test_flower_strategy_weights_by_examples_and_averages_the_head():
         1, [_reply(s, n, i + 1) for i, (s, n) in enumerate(zip(states, [10, 20, 70], strict=True))]
     )
     torch.testing.assert_close(record_to_state(arrays)["classifier.weight"], torch.full((2, 4), 1.0))
+
+
+def test_record_round_trip_reads_what_flower_reads():
+    """The fast .npy payload reader gives Flower's own ``Array.numpy()`` values, dtypes and shapes."""
+    import numpy as np
+    from flwr.app import Array
+
+    generator = torch.Generator().manual_seed(0)
+    state = {
+        "a": torch.randn(3, 5, generator=generator),
+        "b": torch.randn(7, generator=generator).double(),
+        "c": torch.zeros(0, 4),
+        "d": torch.tensor(2.5),
+    }
+    record = state_to_record(state)
+    record["f"] = Array(np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)))  # Flower's fallback
+    back = record_to_state(record)
+    for key, array in record.items():
+        want = torch.from_numpy(array.numpy().copy())
+        assert back[key].dtype == want.dtype and back[key].shape == want.shape and torch.equal(back[key], want), key
+    for key in state:  # byte for byte what Flower's own Array(ndarray) writes
+        assert record[key].data == Array(state[key].numpy()).data, key
+    back["a"].add_(1.0)  # writable, and a copy: the record is unchanged
+    assert torch.equal(record_to_state(record)["a"], state["a"])

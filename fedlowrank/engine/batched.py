@@ -403,10 +403,9 @@ def train_batched(
         if min(sizes) == 0:
             raise ValueError("a client has no training examples")
         steps = [planned_steps(settings, n) for n in sizes]
-        iterators = []
-        for job, count in zip(jobs, steps, strict=True):
-            torch.manual_seed(job.seed)  # the loader's shuffling is seeded by its own generator
-            iterators.append(iter(cycle_batches(job.loader, count)))
+        # each loader's shuffling is seeded by its own generator
+        iterators = [iter(cycle_batches(job.loader, count)) for job, count in zip(jobs, steps, strict=True)]
+    torch.manual_seed(jobs[0].seed)  # dropout masks (they depend on the wave's composition anyway)
     losses = [0.0] * len(jobs)
     examples = [0] * len(jobs)
     context = _BatchContext()
