@@ -50,3 +50,20 @@ def tiny_config(data_dir, tmp_path):
         return RunConfig.from_flat(flat)
 
     return make
+
+
+def fixed_dp_plan(dataset_size, sigma, *, batch_size=8, local_steps=3, budget=50.0):
+    """One client's DP plan at a fixed σ for one round (tests that exercise the training loop itself)."""
+    from fedlowrank.privacy.accounting import plan_client
+
+    return plan_client(
+        dataset_size=dataset_size,
+        batch_size=batch_size,
+        local_steps=local_steps,
+        local_epochs=1,
+        num_rounds=1,
+        fraction_train=1.0,
+        target_epsilon=budget,
+        delta=1e-5,
+        noise_multiplier=sigma,
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import fixed_dp_plan
 
 from fedlowrank.adapters import adapter_state, load_adapter_state, set_trainable
 from fedlowrank.config import TrainSettings
@@ -111,22 +112,6 @@ def test_batched_grid_runs_the_same_federation_as_the_sequential_path(workspace,
     assert losses["batched"] == pytest.approx(losses["sequential"], rel=1e-4)
 
 
-def _dp_plan(dataset_size, sigma, local_steps=3, batch_size=8, budget=50.0):
-    from fedlowrank.privacy.accounting import plan_client
-
-    return plan_client(
-        dataset_size=dataset_size,
-        batch_size=batch_size,
-        local_steps=local_steps,
-        local_epochs=1,
-        num_rounds=1,
-        fraction_train=1.0,
-        target_epsilon=budget,
-        delta=1e-5,
-        noise_multiplier=sigma,
-    )
-
-
 @pytest.mark.parametrize(
     ("sigma", "clip", "kind", "trains_a"),
     [
@@ -146,7 +131,7 @@ def test_batched_dp_sgd_matches_each_client_training_alone(workspace, sigma, cli
     settings = TrainSettings(local_steps=3, batch_size=8, lr=5e-3)
     starts = _start_states(workspace, 3)
     datasets = [workspace.client_train_dataset(pid) for pid in range(3)]
-    plans = [_dp_plan(len(d), sigma, local_steps=2 + pid) for pid, d in enumerate(datasets)]  # uneven steps
+    plans = [fixed_dp_plan(len(d), sigma, local_steps=2 + pid) for pid, d in enumerate(datasets)]  # uneven steps
     expected, accountants = [], []
     for pid, start in enumerate(starts):
         load_adapter_state(workspace.model, start)
@@ -195,7 +180,7 @@ def test_batched_dp_refuses_a_round_past_the_budget_before_training(workspace):
     from fedlowrank.privacy.accounting import PrivacyAccountant, PrivacyBudgetExceeded
 
     dataset = workspace.client_train_dataset(0)
-    plan = _dp_plan(len(dataset), 0.6, local_steps=40, budget=1.0)
+    plan = fixed_dp_plan(len(dataset), 0.6, local_steps=40, budget=1.0)
     accountant = PrivacyAccountant()
     job = ClientJob(workspace.initial_state, private=PrivateJob(dataset, workspace.collator, plan, accountant, 1.0))
     with pytest.raises(PrivacyBudgetExceeded):
@@ -251,7 +236,7 @@ def test_length_sorted_chunks_give_the_same_updates_as_one_pass(workspace, priva
         for pid, start in enumerate(starts):
             data = workspace.client_train_dataset(pid)
             job = PrivateJob(
-                data, workspace.collator, _dp_plan(len(data), 0.7, local_steps=2), PrivacyAccountant(), 0.5
+                data, workspace.collator, fixed_dp_plan(len(data), 0.7, local_steps=2), PrivacyAccountant(), 0.5
             )
             out.append(ClientJob(start, seed=3 + pid, private=job))
         return out

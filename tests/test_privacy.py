@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fixed_dp_plan
 
 from fedlowrank.adapters import adapter_state, load_adapter_state, set_trainable
 from fedlowrank.config import ConfigError, TrainSettings
@@ -42,21 +43,6 @@ def no_dropout(workspace):
     yield workspace
     for m, p in zip(dropouts, saved, strict=True):
         m.p = p
-
-
-def _fixed_plan(dataset_size, batch_size, local_steps, sigma):
-    """One round at a fixed σ under a loose budget (the tests that exercise the training loop itself)."""
-    return plan_client(
-        dataset_size=dataset_size,
-        batch_size=batch_size,
-        local_steps=local_steps,
-        local_epochs=1,
-        num_rounds=1,
-        fraction_train=1.0,
-        target_epsilon=50.0,
-        delta=1e-5,
-        noise_multiplier=sigma,
-    )
 
 
 def _batch(ws, n=6):
@@ -252,7 +238,7 @@ def test_private_rounds_move_the_adapter_compose_epsilon_and_refuse_past_the_bud
 
 def test_empty_poisson_batches_take_a_noise_only_step(workspace):
     small = workspace.client_train_dataset(0).select(range(4))
-    plan = _fixed_plan(4, 1, 30, sigma=1.0)
+    plan = fixed_dp_plan(4, 1.0, batch_size=1, local_steps=30)
     accountant = PrivacyAccountant("prv")
     result = train_private(
         workspace.model,
@@ -273,7 +259,7 @@ def test_empty_poisson_batches_take_a_noise_only_step(workspace):
 def test_a_round_that_cannot_move_the_weights_is_an_error(workspace):
     """The silent no-update hazard (opacus #820): a DP round whose adapters stay bit-identical fails loudly."""
     small = workspace.client_train_dataset(0).select(range(8))
-    plan = _fixed_plan(8, 4, 2, sigma=1.0)
+    plan = fixed_dp_plan(8, 1.0, batch_size=4, local_steps=2)
     with pytest.raises(RuntimeError, match="bit-identical"):
         train_private(
             workspace.model,
@@ -291,7 +277,7 @@ def test_a_round_that_cannot_move_the_weights_is_an_error(workspace):
 def test_physical_batch_splitting_gives_the_same_update(no_dropout):
     workspace = no_dropout
     small = workspace.client_train_dataset(0).select(range(16))
-    plan = _fixed_plan(16, 8, 2, sigma=0.5)
+    plan = fixed_dp_plan(16, 0.5, batch_size=8, local_steps=2)
     states = []
     for physical in (0, 3):
         load_adapter_state(workspace.model, workspace.initial_state)
@@ -468,7 +454,7 @@ def test_dp_trains_only_what_the_strategy_trains(workspace, engine):
     """FFA-LoRA / FedSVD: B (and the head) get private updates, A stays bit-identical and gets no noise."""
     set_trainable(workspace.model, lora_a=False, lora_b=True, head=True)
     small = workspace.client_train_dataset(0).select(range(12))
-    plan = _fixed_plan(12, 4, 3, sigma=1.0)
+    plan = fixed_dp_plan(12, 1.0, batch_size=4, local_steps=3)
     before = adapter_state(workspace.model)
     train_private(
         workspace.model,
