@@ -250,7 +250,7 @@ def train_batch(messages: list[Message], contexts: list[Context], bound: RunConf
         app = make_client_app(bound)
         return [app(message, context) for message, context in zip(messages, contexts, strict=True)]
     replies: dict[int, Message] = {}
-    jobs, work, plans = {}, {}, {}
+    jobs, work = {}, {}
     for index, (message, context) in enumerate(zip(messages, contexts, strict=True)):
         job, seed = start_train(message, context, bound)  # sets the shared model to this client's start
         start = adapter_state(job.workspace.model)  # on the CPU until its wave is stacked on the device
@@ -268,7 +268,7 @@ def train_batch(messages: list[Message], contexts: list[Context], bound: RunConf
                 accountant,
                 config.dp.max_grad_norm,
             )
-            work[index], plans[index] = ClientJob(start, seed=seed, private=private), plan
+            work[index] = ClientJob(start, seed=seed, private=private)
         else:
             work[index] = ClientJob(start, job.workspace.client_train_loader(job.pid, seed), seed)
         jobs[index] = job
@@ -284,9 +284,8 @@ def train_batch(messages: list[Message], contexts: list[Context], bound: RunConf
         elapsed = (time.perf_counter() - started) / len(work)  # the wave's time, shared out
         for index, (state, result) in zip(work, trained, strict=True):
             job = jobs[index]
-            extra = {}
-            if index in plans:
-                extra = _private_finish(job, plans[index], work[index].private.accountant, result)
+            private = work[index].private
+            extra = _private_finish(job, private.plan, private.accountant, result) if private else {}
             replies[index] = finish_train(messages[index], job, state, result, elapsed, extra)
     return [replies[index] for index in range(len(messages))]
 
