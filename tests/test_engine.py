@@ -107,8 +107,10 @@ def test_batched_grid_runs_the_same_federation_as_the_sequential_path(workspace,
         run_dir = Path(config.output_dir) / config.name
         finals[engine] = _final_adapter(run_dir)
         losses[engine] = [json.loads(line)["train_loss"] for line in (run_dir / "metrics.jsonl").open()]
+    # 1e-3 of the adapter's norm: AdamW's first step (g/|g|) turns float rounding in near-zero gradients into
+    # ±lr flips (seen at 1.4e-4 in one CI run); a misrouted client or a lost step moves it by ~lr·√n ≈ 0.3.
     for key, want in finals["sequential"].items():
-        assert (finals["batched"][key] - want).norm() <= 1e-4 * want.norm() + 1e-6, key
+        assert (finals["batched"][key] - want).norm() <= 1e-3 * want.norm() + 1e-6, key
     assert losses["batched"] == pytest.approx(losses["sequential"], rel=1e-4)
 
 
