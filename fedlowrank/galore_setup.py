@@ -215,7 +215,10 @@ def fed_galore_client_train(
     finally:
         for weight in weights.values():
             weight.requires_grad_(False)
-    after = {layer: w.detach().to("cpu", torch.float32) for layer, w in weights.items()}
+    after = {layer: w.detach().to("cpu", torch.float32).clone() for layer, w in weights.items()}
+    with torch.no_grad():  # the shared model goes back to the global weights: the next client starts there
+        for layer, weight in weights.items():
+            weight.copy_(before[layer])
     cpu_projectors = projectors_from_wire(wire)
     return result, client_projected_updates(cpu_projectors, before, after)
 

@@ -11,15 +11,20 @@ def refactorize_product(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor,
     Thin QR of both factors, then an r x r SVD of the core: B = Q_B R_B, Aᵀ = Q_A R_A,
     R_B R_Aᵀ = U S Vᵀ  =>  M = (Q_B U S)(Q_A V)ᵀ, so B_new = Q_B U S and A_new = (Q_A V)ᵀ.
     Cost O((d_in + d_out) r²) instead of a dense SVD. All of S goes to B (FedSVD's convention).
-    Computed in float64, returned in the inputs' dtype.
+    Each component's sign is fixed (the largest-magnitude entry of its column of B is positive): an SVD
+    leaves it free, so float rounding could otherwise flip it between machines and change what clients
+    train from (the product is the same, noisy DP-SGD steps are not). Float64 inside, inputs' dtype out.
     """
     dtype = B.dtype
     q_b, r_b = torch.linalg.qr(B.to(torch.float64))
     q_a, r_a = torch.linalg.qr(A.to(torch.float64).T)
     # full_matrices=False: a stacked rank above min(d_out, d_in) leaves a rectangular core
     u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
-    B_new = (q_b @ u) * s
-    A_new = (q_a @ vh.T).T
+    left, right = q_b @ u, q_a @ vh.T
+    largest = left.abs().argmax(dim=0, keepdim=True)
+    signs = torch.where(left.gather(0, largest) < 0, -1.0, 1.0).to(torch.float64)
+    B_new = left * signs * s
+    A_new = (right * signs).T
     return B_new.to(dtype), A_new.to(dtype)
 
 

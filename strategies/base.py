@@ -137,7 +137,8 @@ class LoRAStrategy(FedAvg):
         self.round_info = {"clients_rejected": rejected, "clients_refused": len(refused)}
         if not valid:
             return None, None
-        contents = [msg.content for msg in valid]
+        # partition order: the same sums (and SVD inputs) whatever order the replies arrived in
+        contents = sorted((msg.content for msg in valid), key=_partition_order)
         states = [record_to_state(content[self.arrayrecord_key]) for content in contents]
         weights = client_weights([_metric(content, NUM_EXAMPLES) for content in contents], self.weighting)
         previous = self.global_factors()
@@ -214,6 +215,13 @@ def _metric(content, key: str) -> float:
         if key in record:
             return float(record[key])
     raise KeyError(f"reply has no metric {key!r}")
+
+
+def _partition_order(content) -> float:
+    try:
+        return _metric(content, "partition-id")
+    except KeyError:
+        return 0.0  # keeps arrival order (sorted is stable)
 
 
 def _client_info(message: Message) -> dict[str, Any]:

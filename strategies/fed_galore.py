@@ -24,7 +24,7 @@ from fedlowrank.adapters import lora_factors
 from fedlowrank.fed_galore import aggregate_projected, apply_projected, projected_upload_bytes, round_projectors
 from fedlowrank.galore_setup import PROJECTED_SUFFIX, check_fed_galore_rank, module_matches
 from fedlowrank.projectors import Projector
-from strategies.base import NUM_EXAMPLES, LoRAStrategy, _metric, is_refusal
+from strategies.base import NUM_EXAMPLES, LoRAStrategy, _metric, _partition_order, is_refusal
 from strategies.common import MethodSpec, RoundInput, ServerUpdate, client_weights, weighted_average
 from strategies.records import record_to_state
 
@@ -105,7 +105,7 @@ class FedGaLoreStrategy(LoRAStrategy):
         self.round_info = {"clients_rejected": 0, "clients_refused": 0}
         if not valid:
             return None, None
-        contents = [msg.content for msg in valid]
+        contents = sorted((msg.content for msg in valid), key=_partition_order)
         states = [record_to_state(content[self.arrayrecord_key]) for content in contents]
         weights = client_weights([_metric(content, NUM_EXAMPLES) for content in contents], self.weighting)
         uploads = [

@@ -6,6 +6,7 @@ SuperNodes, or the in-process grid of ``strategies.simulation``) and writes ``ru
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any
 
@@ -21,6 +22,10 @@ from fedlowrank.training import evaluate
 from strategies.base import LoRAStrategy, is_refusal
 from strategies.records import record_bytes
 from strategies.registry import build_strategy, canonical_name
+
+
+def sampling_seed(seed: int, server_round: int, phase: str) -> int:
+    return seed * 1_000_003 + server_round * 2 + (phase == "evaluate")
 
 
 class FederationError(RuntimeError):
@@ -120,6 +125,7 @@ def run_server(grid: Grid, config: RunConfig, reporter: Reporter | None = None) 
     ledger = EpsilonLedger()
     for server_round in range(1, config.num_rounds + 1):
         round_started = time.perf_counter()
+        random.seed(sampling_seed(config.seed, server_round, "train"))  # FedAvg samples with the global RNG
         train_messages = list(strategy.configure_train(server_round, arrays, ConfigRecord({"seed": config.seed}), grid))
         bytes_down = sum(record_bytes(m.content[strategy.arrayrecord_key]) for m in train_messages)
         reporter.round_started(server_round, len(train_messages))
@@ -148,6 +154,7 @@ def run_server(grid: Grid, config: RunConfig, reporter: Reporter | None = None) 
         row.update(privacy)
         last_round = server_round == config.num_rounds
         eval_config = ConfigRecord({"eval-global-test": personalized and last_round})
+        random.seed(sampling_seed(config.seed, server_round, "evaluate"))
         eval_messages = list(strategy.configure_evaluate(server_round, arrays, eval_config, grid))
         if eval_messages:
             eval_metrics = strategy.aggregate_evaluate(server_round, list(grid.send_and_receive(eval_messages)))

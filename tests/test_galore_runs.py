@@ -160,20 +160,20 @@ def _fed_galore_config(tiny_config, **overrides):
 
 
 def test_fed_galore_server_update_equals_the_weighted_average_of_client_updates(tiny_config, monkeypatch):
-    import clients.client_app as client_app
+    import fedlowrank.training as training
     from strategies.simulation import run_inprocess
 
     recorded = []
-    original = client_app.fed_galore_client_train
+    original = training.train_local
 
-    def recording(model, loader, *args, **kwargs):
+    def recording(model, loader, *args, **kwargs):  # the client's full-weight update, before it restores W
         weights = lora_base_weights(model, fed_galore_modules(config.galore, config.lora.target_modules))
         before = {layer: w.detach().clone() for layer, w in weights.items()}
-        result, uploads = original(model, loader, *args, **kwargs)
+        result = original(model, loader, *args, **kwargs)
         recorded.append((result.dataset_size, {layer: w.detach() - before[layer] for layer, w in weights.items()}))
-        return result, uploads
+        return result
 
-    monkeypatch.setattr(client_app, "fed_galore_client_train", recording)
+    monkeypatch.setattr(training, "train_local", recording)
     config = _fed_galore_config(tiny_config, name="fed-galore-exact", **{"num-rounds": 1, "train.local-steps": 4})
     summary = run_inprocess(config)
     server = load_file(f"{summary['adapter']}/base_residuals.safetensors")
