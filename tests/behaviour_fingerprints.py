@@ -108,7 +108,9 @@ def fingerprint(run_dir: Path) -> dict[str, Any]:
     return {"adapter": adapter, "metrics": metrics}
 
 
-def compare(recorded: dict[str, Any], current: dict[str, Any], rtol: float = 1e-6, exact_rtol: float = 0.0) -> list[str]:
+def compare(
+    recorded: dict[str, Any], current: dict[str, Any], rtol: float = 1e-6, exact_rtol: float = 0.0
+) -> list[str]:
     """Differences between two fingerprints (empty: the same behaviour). Adapters and metrics to ``rtol``; the ε
     ledger, bytes and client counts to ``exact_rtol`` (0: to the bit)."""
     problems = []
@@ -137,7 +139,8 @@ def _close(old: Any, new: Any, rtol: float) -> bool:
     if isinstance(old, dict):
         return isinstance(new, dict) and set(old) == set(new) and all(_close(old[k], new[k], rtol) for k in old)
     if isinstance(old, list):
-        return isinstance(new, list) and len(old) == len(new) and all(_close(a, b, rtol) for a, b in zip(old, new))
+        same_length = isinstance(new, list) and len(old) == len(new)
+        return same_length and all(_close(a, b, rtol) for a, b in zip(old, new, strict=True))
     if isinstance(old, float) and isinstance(new, int | float):
         if math.isnan(old):
             return math.isnan(new)

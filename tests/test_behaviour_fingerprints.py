@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from behaviour_fingerprints import CASES, FINGERPRINTS, compare, fingerprint, run_case
 
 
