@@ -189,7 +189,7 @@ def worker(args: argparse.Namespace) -> dict:
             seconds, examples = federated_round_time(config)
         else:
             from fedlowrank.progress import Reporter
-            from strategies.simulation import run_inprocess
+            from simulations.run import run_inprocess
 
             run_inprocess(config, Reporter())
             seconds, examples = federated_round_time(config)

@@ -243,13 +243,6 @@ def factor_keys(layer: str) -> tuple[str, str]:
     return f"{layer}.{LORA_A}.weight", f"{layer}.{LORA_B}.weight"
 
 
-def extra_keys(state: dict[str, torch.Tensor]) -> list[str]:
-    """Trainable adapter-state keys that are not LoRA factor matrices: the head, VeRA's λ vectors."""
-    return sorted(
-        k for k in state if layer_name(k) is None and not k.endswith(RESIDUAL_SUFFIX) and key_role(k) != "frozen"
-    )
-
-
 def factor_state(factors: dict[str, LayerFactors], with_a: bool = True, with_b: bool = True) -> dict[str, torch.Tensor]:
     """``{layer: (A, B)}`` back to peft state keys."""
     state: dict[str, torch.Tensor] = {}

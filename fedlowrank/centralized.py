@@ -11,7 +11,7 @@ from typing import Any
 
 from fedlowrank.adapters import count_parameters
 from fedlowrank.config import RunConfig
-from fedlowrank.galore_setup import lora_base_weights, set_base_trainable
+from fedlowrank.galore_setup import check_galore_on_lora_factors, lora_base_weights, set_base_trainable
 from fedlowrank.progress import Reporter
 from fedlowrank.report import RunRecorder, plot_run, read_metrics
 from fedlowrank.runtime import get_workspace
@@ -20,6 +20,7 @@ from fedlowrank.training import evaluate, train_local
 
 def train_centralized(config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     reporter = reporter or Reporter()
+    check_galore_on_lora_factors(config)
     workspace = get_workspace(config)
     workspace.load_global({})  # start from the initial adapter and base weights, whatever ran before
     # galore.train-modules: these base weights train in full too (the optimizer decides how).
@@ -49,12 +50,9 @@ def train_centralized(config: RunConfig, reporter: Reporter | None = None) -> di
         row.update({"round_time": time.perf_counter() - started, "wall_time": recorder.elapsed()})
         recorder.log(row)
         reporter.round_finished(row)
-    adapter_dir = recorder.run_dir / "adapter"
-    if trained_layers:
-        _save_base_residuals(workspace, config.galore.train_modules, adapter_dir)
-        set_base_trainable(workspace.model, config.galore.train_modules, False)
-    workspace.model.save_pretrained(adapter_dir)
-    workspace.tokenizer.save_pretrained(adapter_dir)
+    residuals = _base_residuals(workspace, config.galore.train_modules) if trained_layers else {}
+    set_base_trainable(workspace.model, config.galore.train_modules, False)
+    adapter_dir = recorder.save_adapter(workspace.model, workspace.tokenizer, residuals)
     final = read_metrics(recorder.run_dir)[-1]
     summary = {
         "run_dir": str(recorder.run_dir),
@@ -70,13 +68,9 @@ def train_centralized(config: RunConfig, reporter: Reporter | None = None) -> di
     return summary
 
 
-def _save_base_residuals(workspace: Any, modules: list[str], adapter_dir: Any) -> None:
-    """The trained base weights, as W − W0 per layer beside the adapter (the format FedEx/FLoRA runs use)."""
-    from safetensors.torch import save_file
-
-    residuals = {
+def _base_residuals(workspace: Any, modules: list[str]) -> dict[str, Any]:
+    """The trained base weights as W − W0 per layer (the format FedEx/FLoRA runs save beside the adapter)."""
+    return {
         layer: (weight.detach().float().cpu() - workspace.base_weights[layer].float().cpu()).contiguous()
         for layer, weight in lora_base_weights(workspace.model, modules).items()
     }
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    save_file(residuals, str(adapter_dir / "base_residuals.safetensors"))

@@ -1,6 +1,8 @@
-"""The ``fedlowrank`` command line: ``simulate`` (federated, in-process) and ``train`` (centralized).
+"""The ``fedlowrank`` command line: ``simulate`` (federated, in-process), ``train`` (centralized), ``bench``,
+``sweep`` and ``keys``.
 
-Flower is imported only inside ``simulate``: the core library stays free of it.
+The composition root: the commands that run federations import ``simulations/`` and ``strategies/`` (and so
+Flower) inside their bodies, so the core library stays free of both.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -74,13 +76,12 @@ def user_errors(*extra: type[Exception]) -> Iterator[None]:
 
 
 def _quiet_libraries(flower: bool = True) -> None:
-    import logging
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if flower:
-        import flwr.common.logger  # noqa: F401  (configures its logger on import: quiet it afterwards)
+        from simulations.run import quiet_flower
 
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        quiet_flower()
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
@@ -98,11 +99,11 @@ def simulate(
 
     with user_errors():
         run_config = load_config(config, set_, data_dir, name)
-        from strategies.registry import canonical_name
+        from strategies.registry import resolve_method
 
-        canonical_name(run_config.strategy)
+        resolve_method(run_config)  # every method-specific check before anything loads
         _quiet_libraries()
-        from strategies.simulation import run_inprocess
+        from simulations.run import run_inprocess
 
         run_inprocess(run_config, RichReporter(console))
 
@@ -126,11 +127,24 @@ def train(
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that run federations (results saved to disk).")
 app.add_typer(bench_app, name="bench")
 
-ALL_STRATEGIES = "fedit,lora-fair,ffa,fedsvd,fedex,flora,flexlora,fedsa"
-
 
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _all_strategies() -> str:
+    from strategies.registry import method_names
+
+    return ",".join(method_names())
+
+
+@contextmanager
+def _sweep_progress(label: str, total: int) -> Iterator[Any]:
+    """A progress bar over a sweep's cells; yields the ``on_cell`` callback the sweep helper calls."""
+    columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, TextColumn("{task.description}"), console=console) as progress:
+        task = progress.add_task("", total=total)
+        yield lambda done, _total, cell: progress.update(task, completed=done, description=cell.name)
 
 
 @bench_app.command("bias")
@@ -138,7 +152,7 @@ def bench_bias(
     config: ConfigOption = None,
     set_: SetOption = None,
     data_dir: DataDirOption = None,
-    strategies: Annotated[str, typer.Option(help="Comma-separated strategies.")] = ALL_STRATEGIES,
+    strategies: Annotated[str, typer.Option(help="Comma-separated strategies (default: all but fed-galore).")] = "",
     alphas: Annotated[str, typer.Option(help="Dirichlet α values and/or 'iid'.")] = "0.1,0.5,1.0,iid",
     local_steps: Annotated[str, typer.Option(help="Local steps per round (comma-separated).")] = "5,20",
     seeds: Annotated[str, typer.Option(help="Seeds (comma-separated).")] = "0",
@@ -147,30 +161,24 @@ def bench_bias(
     """Aggregation bias per round and layer, and accuracy, for strategies x heterogeneity x local steps."""
     with user_errors(ValueError):
         base = load_config(config, set_, data_dir, None)
+        names = _csv(strategies) or [n for n in _csv(_all_strategies()) if _trains_factors(n)]
         steps = [int(v) for v in _csv(local_steps)]
         seed_values = [int(v) for v in _csv(seeds)]
         _quiet_libraries()
-        from strategies.bench_bias import run_bias_benchmark
+        from simulations.bench_bias import run_bias_benchmark
 
-        with Progress(
-            TextColumn("[bold]bench bias"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.description}"),
-            console=console,
-        ) as progress:
-            task = progress.add_task(
-                "", total=len(_csv(strategies)) * len(_csv(alphas)) * len(steps) * len(seed_values)
-            )
-
-            def advance(done: int, total: int, cell) -> None:
-                progress.update(task, completed=done, description=cell.name)
-
-            run_bias_benchmark(base, _csv(strategies), _csv(alphas), steps, seed_values, output, on_cell=advance)
+        total = len(names) * len(_csv(alphas)) * len(steps) * len(seed_values)
+        with _sweep_progress("bench bias", total) as advance:
+            run_bias_benchmark(base, names, _csv(alphas), steps, seed_values, output, on_cell=advance)
         console.print((output / "bias_summary.md").read_text())
         console.print((output / "accuracy.md").read_text())
         console.print(f"wrote {output}/bias.csv, bias.png, accuracy.md, accuracy.csv, bias_summary.md")
+
+
+def _trains_factors(name: str) -> bool:
+    from strategies.registry import get_method
+
+    return get_method(name).spec.trains_factors
 
 
 sweep_app = typer.Typer(no_args_is_help=True, help="Parameter sweeps that run federations (resumable).")
@@ -191,34 +199,32 @@ def sweep_privacy(
     with user_errors(ValueError):
         base = load_config(config, set_, data_dir, None)
         _quiet_libraries()
-        from strategies.sweep_privacy import parse_epsilons, run_privacy_sweep
+        from simulations.sweep_privacy import parse_epsilons, run_privacy_sweep
 
         eps_values = parse_epsilons(epsilons)
         if seeds < 1:
             raise ConfigError("--seeds must be >= 1")
-        with Progress(
-            TextColumn("[bold]sweep privacy"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.description}"),
-            console=console,
-        ) as progress:
-            task = progress.add_task("", total=len(_csv(strategies)) * len(eps_values) * seeds)
-
-            def advance(done: int, total: int, cell) -> None:
-                progress.update(task, completed=done, description=cell.name)
-
+        with _sweep_progress("sweep privacy", len(_csv(strategies)) * len(eps_values) * seeds) as advance:
             run_privacy_sweep(base, _csv(strategies), eps_values, list(range(seeds)), output, on_cell=advance)
         console.print((output / "privacy.md").read_text())
         console.print(f"wrote {output}/privacy.csv, privacy.md, privacy.png")
 
 
 @app.command("keys")
-def list_keys() -> None:
-    """List every config key with its default value."""
+def list_keys(set_: SetOption = None) -> None:
+    """List every config key with its default and what it does (method options included; --set
+    method-modules=... to see your own methods' too)."""
+    from fedlowrank.config import key_help
+    from strategies.registry import load_method_modules, option_help
+
+    with user_errors():
+        overrides = parse_overrides(list(set_ or []))
+        load_method_modules(RunConfig.from_flat(overrides).method_modules)
+    helps = key_help()
     for key, value in RunConfig().to_flat().items():
-        console.print(f"{key} = {value!r}")
+        console.print(f"{key} = {value!r}  [dim]# {helps.get(key, '')}[/]", highlight=False)
+    for key, (default, text) in option_help().items():
+        console.print(f"{key} = {default!r}  [dim]# {text}[/]", highlight=False)
 
 
 # typer maps the parameter name set_ to --set; keep the public option name stable.

@@ -7,7 +7,7 @@ Per 2-D parameter W (m x n) and round t, everyone uses the same projector P_t (b
   the basis is broadcast; ``dct``: the r column indices are) — and broadcasts ``compact_state()``;
 * client k: trains, then uploads ``down(ΔW_k)`` (r x n or m x r) instead of ΔW_k (m x n);
 * server: averages in projected space, ``L̄ = Σ_k w_k down(ΔW_k)`` with Σ w_k = 1, and applies
-  ``W ← W + up(L̄)``.
+  ``W ← W + up(L̄)`` (:func:`projected_average`).
 
 Because down/up are linear, up(L̄) = P Pᵀ Σ_k w_k ΔW_k (left side): with an orthonormal basis this is the
 orthogonal projection of the average full-space update onto span(P), and equals the average itself
@@ -93,11 +93,6 @@ def projectors_from_wire(
     return out
 
 
-def projected_update(projector: Projector, delta: torch.Tensor) -> torch.Tensor:
-    """Client: the upload for one parameter, down(ΔW) (r x n or m x r)."""
-    return projector.down(delta)
-
-
 def client_projected_updates(
     projectors: Mapping[str, Projector],
     before: Mapping[str, torch.Tensor],
@@ -128,17 +123,13 @@ def aggregate_projected(
     return out
 
 
-def apply_projected(
-    params: Mapping[str, torch.Tensor],
-    projectors: Mapping[str, Projector],
-    aggregate: Mapping[str, torch.Tensor],
+def projected_average(
+    updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], projectors: Mapping[str, Projector]
 ) -> dict[str, torch.Tensor]:
-    """Server: W ← W + up(L̄) for every projected parameter; other entries of ``params`` pass through."""
-    out = dict(params)
-    for name, low in aggregate.items():
-        weight = params[name]
-        out[name] = (weight.to(torch.float64) + projectors[name].up(low.to(torch.float64))).to(weight.dtype)
-    return out
+    """Server: the full-space update up(Σ_k w_k L_k) of every projected parameter, in float64 (W ← W + this)."""
+    return {
+        name: projectors[name].up(low.to(torch.float64)) for name, low in aggregate_projected(updates, weights).items()
+    }
 
 
 def projected_upload_bytes(projectors: Mapping[str, Projector], element_size: int = 4) -> tuple[int, int]:
@@ -154,9 +145,8 @@ def projected_upload_bytes(projectors: Mapping[str, Projector], element_size: in
 
 __all__ = [
     "aggregate_projected",
-    "apply_projected",
     "client_projected_updates",
-    "projected_update",
+    "projected_average",
     "projected_upload_bytes",
     "projectors_from_wire",
     "projectors_to_wire",

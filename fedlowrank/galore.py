@@ -453,29 +453,9 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return optimizer_state_breakdown(optimizer)["total"]
 
 
-def make_galore_adamw(
-    model: torch.nn.Module,
-    lr: float,
-    weight_decay: float = 0.0,
-    target_modules: Sequence[str] | None = None,
-    rank: int = 128,
-    update_gap: int = 200,
-    scale: float = 0.25,
-    projector: str = "svd",
-    moment_policy: str = "keep",
-    **options: Any,
-) -> GaLoreAdamW:
-    """Convenience: :func:`galore_param_groups` + :class:`GaLoreAdamW` (``options`` go to the groups helper)."""
-    groups = galore_param_groups(
-        model, target_modules, rank, update_gap, scale, projector, moment_policy, lr=lr, **options
-    )
-    return GaLoreAdamW(groups, lr=lr, weight_decay=weight_decay)
-
-
 __all__ = [
     "GaLoreAdamW",
     "galore_param_groups",
-    "make_galore_adamw",
     "optimizer_state_breakdown",
     "optimizer_state_bytes",
 ]

@@ -144,6 +144,25 @@ def make_galore_optimizer(
     return GaLoreAdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
+def check_galore_on_lora_factors(config: Any) -> None:
+    """``optimizer = "galore"`` with no base weights unfrozen: the LoRA factors (r x d) are the only 2-D weights,
+    so their smaller side, lora.r, must exceed galore.rank (checked before a run, not at its first step)."""
+    galore = config.galore
+    if config.optimizer != "galore" or galore.train_modules:
+        return
+    if config.lora.adapter != "lora":
+        raise ConfigError(
+            "optimizer = 'galore' needs 2-D trainable weights: VeRA trains only vectors; "
+            "set galore.train-modules or lora.adapter = 'lora'"
+        )
+    if galore.rank >= config.lora.r:
+        raise ConfigError(
+            f"galore.rank={galore.rank} is not below lora.r={config.lora.r}: the only 2-D trainable weights are "
+            f"the LoRA factors, whose smaller side is lora.r, so projecting them saves nothing. Use "
+            f"galore.rank < {config.lora.r}, or unfreeze base weights with galore.train-modules"
+        )
+
+
 # ---- fed-galore: the client's round ---------------------------------------------------------------------
 def fed_galore_modules(galore: GaLoreSettings, lora_targets: Sequence[str]) -> list[str]:
     """The modules whose base weights fed-galore trains: galore.train-modules, else all LoRA targets."""
@@ -226,6 +245,7 @@ def fed_galore_client_train(
 __all__ = [
     "PROJECTED_SUFFIX",
     "check_fed_galore_rank",
+    "check_galore_on_lora_factors",
     "fed_galore_client_train",
     "fed_galore_modules",
     "galore_groups",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 
@@ -37,6 +40,19 @@ def stacked_factors(
     return stacked_b, stacked_a
 
 
+def ideal_product(clients: Sequence[Any], weights: torch.Tensor) -> torch.Tensor:
+    """M* = Σ_k p_k B_k A_k of clients' ``LayerFactors`` (ranks may differ), float64, through the stack."""
+    if len(clients) != len(weights):
+        raise ValueError(f"{len(clients)} clients but {len(weights)} weights")
+    stacked_b, stacked_a = stacked_factors([(c.B, c.A) for c in clients], weights)
+    return stacked_b @ stacked_a
+
+
+def product(factors: Any) -> torch.Tensor:
+    """B·A of one layer's ``LayerFactors``, in float64."""
+    return factors.B.to(torch.float64) @ factors.A.to(torch.float64)
+
+
 def truncated_svd_of_sum(
     products: list[tuple[torch.Tensor, torch.Tensor]], weights: torch.Tensor, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +79,21 @@ def pad_rank(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     )
 
 
-def truncate_rank(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The leading ``rank`` components (B[:, :r_k], A[:r_k]): a client's share of a rank-r broadcast."""
-    return B[:, :rank].contiguous(), A[:rank].contiguous()
+# ---- averaging -------------------------------------------------------------------------------------------------
+def client_weights(num_examples: Sequence[int | float], weighting: str = "num-examples") -> torch.Tensor:
+    """p_k = n_k / sum n ("num-examples") or 1/K ("uniform"), in float64."""
+    counts = torch.tensor([float(n) for n in num_examples], dtype=torch.float64)
+    if weighting == "uniform":
+        return torch.full_like(counts, 1.0 / len(counts))
+    if weighting != "num-examples":
+        raise ValueError(f"unknown weighting {weighting!r}")
+    if counts.sum() <= 0:
+        raise ValueError("all clients reported zero examples; cannot weight by example count")
+    return counts / counts.sum()
+
+
+def weighted_average(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """sum_k w_k T_k, accumulated in float64 and returned in the inputs' dtype."""
+    stacked = torch.stack([t.to(torch.float64) for t in tensors])
+    shape = (-1,) + (1,) * (stacked.dim() - 1)
+    return (weights.to(torch.float64).view(shape) * stacked).sum(dim=0).to(tensors[0].dtype)

@@ -12,19 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from fedlowrank.adapters import LayerFactors
-
-
-def ideal_product(clients: Sequence[LayerFactors], weights: torch.Tensor) -> torch.Tensor:
-    """M* = Σ_k p_k B_k A_k, in float64: one product [p_1 B_1 … p_K B_K] · [A_1; …; A_K] (ranks may differ)."""
-    if len(clients) != len(weights):
-        raise ValueError(f"{len(clients)} clients but {len(weights)} weights")
-    b_wide = torch.cat([float(w) * c.B.to(torch.float64) for w, c in zip(weights, clients, strict=True)], dim=1)
-    a_tall = torch.cat([c.A.to(torch.float64) for c in clients], dim=0)
-    return b_wide @ a_tall
-
-
-def product(factors: LayerFactors) -> torch.Tensor:
-    return factors.B.to(torch.float64) @ factors.A.to(torch.float64)
+from fedlowrank.lowrank import ideal_product
 
 
 def _relative(numerator: torch.Tensor, denominator: torch.Tensor) -> float:

@@ -36,6 +36,19 @@ class RunRecorder:
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(_jsonable(row)) + "\n")
 
+    def save_adapter(self, model: Any, preprocessor: Any, base_residuals: dict[str, Any] | None = None) -> Path:
+        """``adapter/``: a standard peft adapter folder with the tokenizer (or image processor), plus
+        ``base_residuals.safetensors`` (W − W0 per layer) when the frozen weights changed too."""
+        adapter_dir = self.run_dir / "adapter"
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        if base_residuals:
+            from safetensors.torch import save_file
+
+            save_file(base_residuals, str(adapter_dir / "base_residuals.safetensors"))
+        model.save_pretrained(adapter_dir)
+        preprocessor.save_pretrained(adapter_dir)
+        return adapter_dir
+
     def write_json(self, name: str, payload: dict[str, Any]) -> Path:
         path = self.run_dir / name
         path.write_text(json.dumps(_jsonable(payload), indent=2))

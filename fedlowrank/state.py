@@ -1,8 +1,8 @@
-"""Per-client state kept between rounds (FedSA's local B, later DP accountants and optimizer moments).
+"""Per-client state kept between rounds (a client's own B, its DP accountant).
 
-A store maps (client, name) to a flat ``{key: tensor}``. ``MemoryStateStore`` keeps it in a dict;
-``DiskStateStore`` writes one safetensors file per client and name, so thousands of simulated clients
-cost disk, not RAM. The Flower ``Context.state`` backend lives with the ClientApp (``clients/``).
+A store maps (client, name) to a flat ``{key: tensor}``. ``DiskStateStore`` writes one safetensors file per
+client and name, so thousands of simulated clients cost disk, not RAM, and the state outlives the process.
+The Flower ``Context.state`` backend lives with the ClientApp (``clients/state.py``).
 """
 
 from __future__ import annotations
@@ -18,18 +18,6 @@ class ClientStateStore(Protocol):
     def load(self, client: str, name: str) -> dict[str, torch.Tensor] | None: ...
 
     def save(self, client: str, name: str, tensors: dict[str, torch.Tensor]) -> None: ...
-
-
-class MemoryStateStore:
-    def __init__(self) -> None:
-        self._data: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-
-    def load(self, client: str, name: str) -> dict[str, torch.Tensor] | None:
-        stored = self._data.get((client, name))
-        return None if stored is None else {k: v.clone() for k, v in stored.items()}
-
-    def save(self, client: str, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        self._data[(client, name)] = {k: v.detach().to("cpu").clone() for k, v in tensors.items()}
 
 
 class DiskStateStore:

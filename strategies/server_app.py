@@ -1,76 +1,53 @@
 """The fedlowrank ServerApp (Flower Message API) and its round loop.
 
-``run_server`` drives any ``LoRAStrategy`` over any Flower ``Grid`` (Flower's simulation, real
-SuperNodes, or the in-process grid of ``strategies.simulation``) and writes ``runs/<name>/``.
+``run_server`` drives the run's ``LoRAStrategy`` over any Flower ``Grid`` (Flower's simulation, real
+SuperNodes, or the in-process grids of ``simulations/``) in the shape of Flower's ``Strategy.start``:
+configure → train → aggregate → evaluate, round after round. What a run records beside the strategy's own
+account of a round comes from small hooks chosen once: the bytes on the wire, the per-client ε ledger, the
+evaluation (the server's global model, or the clients' own models for a personalised method) and the run
+recorder (``runs/<name>/``). No method is named here.
 """
 
 from __future__ import annotations
 
-import random
 import time
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedlowrank.adapters import count_parameters
 from fedlowrank.config import RunConfig
 from fedlowrank.progress import Reporter
+from fedlowrank.protocol import Refusal, TrainReply
+from fedlowrank.protocol import flower as wire
 from fedlowrank.report import RunRecorder, plot_run, read_metrics
 from fedlowrank.runtime import Workspace, get_workspace
 from fedlowrank.training import evaluate
-from strategies.base import LoRAStrategy, is_refusal
-from strategies.records import record_bytes
-from strategies.registry import build_strategy, canonical_name
+from strategies.registry import resolve_method
+from strategies.strategy import FederationError, LoRAStrategy, TrainRoundResult, build_strategy
+
+__all__ = ["FederationError", "app", "make_server_app", "run_server"]
 
 
-def sampling_seed(seed: int, server_round: int, phase: str) -> int:
-    return seed * 1_000_003 + server_round * 2 + (phase == "evaluate")
+class Traffic:
+    """Bytes as serialized: each train message's broadcast down, each reply's upload up."""
 
+    def __init__(self) -> None:
+        self.down_total = self.up_total = 0
 
-class FederationError(RuntimeError):
-    """A round in which no client produced a result."""
-
-
-def _error_reasons(replies: list[Message]) -> str:
-    reasons = sorted({reply.error.reason for reply in replies if reply.has_error()})
-    return "; ".join(reasons[:3]) or "no replies (timeout?)"
-
-
-def _reply_arrays(reply: Message) -> ArrayRecord | None:
-    return next(iter(reply.content.array_records.values()), None)
-
-
-def evaluate_global(workspace: Workspace, strategy: LoRAStrategy) -> dict[str, float]:
-    """The global model (adapter plus anything folded into the frozen weight) on the global test set."""
-    workspace.load_global(strategy.global_model_state())
-    result = evaluate(workspace.model, workspace.test_loader(), workspace.task.num_labels)
-    return result.as_dict("test_")
-
-
-PERSONALIZED_KEYS = {
-    "personalization-gap": "personalization_gap",
-    "test-accuracy": "test_accuracy",
-    "test-f1": "test_f1",
-    "test-loss": "test_loss",
-}
-
-
-def wait_for_nodes(grid: Grid, config: RunConfig, poll_seconds: float = 1.0) -> None:
-    """Every partition needs its node: fail clearly instead of waiting forever for missing ones."""
-    deadline = time.monotonic() + config.node_wait_seconds
-    while True:
-        connected = len(list(grid.get_node_ids()))
-        if connected >= config.num_clients:
-            return
-        if time.monotonic() >= deadline:
-            raise FederationError(
-                f"only {connected} node(s) connected after {config.node_wait_seconds:.0f} s, but num-clients="
-                f"{config.num_clients}. With `flwr run .` pass --federation-config "
-                f'"num-supernodes={config.num_clients}"; in a deployment start one SuperNode per partition '
-                '(--node-config "partition-id=K num-partitions=N").'
-            )
-        time.sleep(poll_seconds)
+    def count(self, messages: list[Message], replies: list[Message]) -> dict[str, int]:
+        answered = [reply for reply in replies if not reply.has_error()]
+        down = sum(wire.record_bytes(wire.message_arrays(m)) for m in messages)
+        up = sum(wire.record_bytes(wire.message_arrays(r)) for r in answered)
+        self.down_total += down
+        self.up_total += up
+        return {
+            "bytes_down": down,
+            "bytes_up": up,
+            "bytes_down_per_client": down // max(len(messages), 1),
+            "bytes_up_per_client": up // max(len(answered), 1),
+        }
 
 
 class EpsilonLedger:
@@ -79,143 +56,161 @@ class EpsilonLedger:
     def __init__(self) -> None:
         self.epsilon: dict[str, float] = {}
         self.noise: dict[str, float] = {}
-        self.refusals: dict[str, int] = {}
 
-    def update(self, replies: list[Message]) -> dict[str, Any]:
+    def update(self, replies: list[TrainReply | Refusal]) -> dict[str, Any]:
         refused_now = []
         for reply in replies:
-            metrics = next(iter(reply.content.metric_records.values()), {})
-            if "dp-epsilon" not in metrics:
-                continue
-            client = str(int(metrics["partition-id"]))
-            self.epsilon[client] = float(metrics["dp-epsilon"])
-            if float(metrics.get("dp-refused", 0)) > 0:
+            client = str(reply.partition_id)
+            if isinstance(reply, Refusal):
+                self.epsilon[client] = reply.epsilon
                 refused_now.append(client)
-                self.refusals[client] = self.refusals.get(client, 0) + 1
-            else:
-                self.noise[client] = float(metrics["dp-noise-multiplier"])
-        ordered = dict(sorted(self.epsilon.items(), key=lambda item: int(item[0])))
+            elif reply.privacy is not None:
+                self.epsilon[client] = reply.privacy.epsilon
+                self.noise[client] = reply.privacy.noise_multiplier
         return {
-            "dp_epsilon_max": max(ordered.values(), default=0.0),
-            "dp_epsilon_per_client": ordered,
+            "dp_epsilon_max": max(self.epsilon.values(), default=0.0),
+            "dp_epsilon_per_client": dict(sorted(self.epsilon.items(), key=lambda item: int(item[0]))),
             "dp_noise_multiplier_per_client": dict(sorted(self.noise.items(), key=lambda item: int(item[0]))),
             "dp_refused_clients": refused_now,
         }
 
 
-def run_server(grid: Grid, config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
-    """Run ``config.num_rounds`` rounds of ``config.strategy`` over ``grid``; return the run summary."""
-    reporter = reporter or Reporter()
-    canonical_name(config.strategy)
-    workspace = get_workspace(config)
-    _ = workspace.client_splits  # partition now: data errors surface before any training
-    strategy: LoRAStrategy = build_strategy(config, workspace.initial_state)
-    wait_for_nodes(grid, config)
-    personalized = strategy.spec.local_b  # FedSA: no global model; clients evaluate their own
-    recorder = RunRecorder.create(config)
-    arrays = strategy.broadcast_record()
-    params = count_parameters(workspace.model)
+class GlobalEvaluation:
+    """The server scores the global model (adapter plus folded residuals) on the global test set."""
 
-    reporter.start(
-        f"{canonical_name(config.strategy)} | {config.model} on {config.dataset} | {config.num_clients} clients | "
-        f"{params.trainable:,} trainable params",
-        config.num_rounds,
-    )
-    total_down = total_up = 0
-    ledger = EpsilonLedger()
-    for server_round in range(1, config.num_rounds + 1):
-        round_started = time.perf_counter()
-        random.seed(sampling_seed(config.seed, server_round, "train"))  # FedAvg samples with the global RNG
-        train_messages = list(strategy.configure_train(server_round, arrays, ConfigRecord({"seed": config.seed}), grid))
-        bytes_down = sum(record_bytes(m.content[strategy.arrayrecord_key]) for m in train_messages)
-        reporter.round_started(server_round, len(train_messages))
-        replies = list(grid.send_and_receive(train_messages))
-        ok_replies = [r for r in replies if not r.has_error()]
-        bytes_up = sum(record_bytes(_reply_arrays(r)) for r in ok_replies)
-        privacy = ledger.update(ok_replies) if config.dp.sample_level else {}
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        if new_arrays is None:
-            if ok_replies and all(is_refusal(r) for r in ok_replies):
-                reporter.note(f"round {server_round}: every client has spent its privacy budget; stopping")
-                recorder.log({"round": server_round, "stopped": "privacy budget exhausted", **privacy})
+    def __init__(self, workspace: Workspace, every: int) -> None:
+        self.workspace, self.every = workspace, every
+
+    def clients_score_test_set(self, last_round: bool) -> bool:
+        return False
+
+    def server_metrics(self, server_round: int, last_round: bool, strategy: LoRAStrategy) -> dict[str, Any]:
+        if server_round % self.every and not last_round:
+            return {}
+        self.workspace.load_global(strategy.global_model_state())
+        loader = self.workspace.test_loader()
+        return evaluate(self.workspace.model, loader, self.workspace.task.num_labels).as_dict("test_")
+
+
+class PersonalizedEvaluation:
+    """No global model: in the last round each client scores its own model on the global test set."""
+
+    def clients_score_test_set(self, last_round: bool) -> bool:
+        return last_round
+
+    def server_metrics(self, server_round: int, last_round: bool, strategy: LoRAStrategy) -> dict[str, Any]:
+        return {"test_eval": "personalized-mean"}
+
+
+class FederatedRun:
+    """One run of ``config`` over ``grid``: the strategy, the hooks, and the loop's steps."""
+
+    def __init__(self, grid: Grid, config: RunConfig, reporter: Reporter) -> None:
+        self.grid, self.config, self.reporter = grid, config, reporter
+        method = resolve_method(config)
+        self.workspace = get_workspace(config)
+        _ = self.workspace.client_splits  # partition now: data errors surface before any training
+        self.strategy = build_strategy(config, self.workspace.initial_state, method)
+        self.strategy.sampling.wait_for_nodes(grid)
+        self.traffic = Traffic()
+        self.ledger = EpsilonLedger() if config.dp.sample_level else None
+        personalized = self.strategy.spec.personalized
+        self.evaluation = (
+            PersonalizedEvaluation() if personalized else GlobalEvaluation(self.workspace, config.server_eval_every)
+        )
+        self.recorder = RunRecorder.create(config)
+        self.arrays = self.strategy.broadcast_record()
+
+    def run(self) -> dict[str, Any]:
+        params = count_parameters(self.workspace.model)
+        self.reporter.start(
+            f"{self.strategy.method.name} | {self.config.model} on {self.config.dataset} | "
+            f"{self.config.num_clients} clients | {params.trainable:,} trainable params",
+            self.config.num_rounds,
+        )
+        for server_round in range(1, self.config.num_rounds + 1):
+            row = self.round(server_round)
+            self.recorder.log(row)
+            if "stopped" in row:
                 break
-            raise FederationError(f"round {server_round}: no client returned a result: {_error_reasons(replies)}")
-        arrays = new_arrays
-        train_round_time = time.perf_counter() - round_started  # configure, train, aggregate (no evaluation)
+            self.reporter.round_finished(row)
+        return self.finish()
 
+    def round(self, server_round: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        messages = list(self.strategy.configure_train(server_round, self.arrays, ConfigRecord(), self.grid))
+        self.reporter.round_started(server_round, len(messages))
+        replies = list(self.grid.send_and_receive(messages))
+        result = self.strategy.train_round(server_round, replies)
+        privacy = self.ledger.update(result.replies) if self.ledger is not None else {}
+        if result.arrays is None:
+            return self._no_update(server_round, result, privacy)
+        self.arrays = result.arrays
         row: dict[str, Any] = {
             "round": server_round,
-            "strategy": canonical_name(config.strategy),
-            "clients_trained": len(ok_replies),
-            "clients_failed": len(replies) - len(ok_replies) + (len(train_messages) - len(replies)),
-            "train_loss": float(train_metrics["train-loss"]) if train_metrics else None,
+            "strategy": self.strategy.method.name,
+            "clients_trained": len(replies) - len(result.failed),
+            "clients_failed": len(result.failed) + len(messages) - len(replies),
+            "train_loss": result.train_loss,
+            "clients_rejected": len(result.rejected),
+            "clients_refused": len(result.refused),
+            **result.metrics,
+            **privacy,
         }
-        row.update(strategy.round_info)
-        row.update(privacy)
-        last_round = server_round == config.num_rounds
-        eval_config = ConfigRecord({"eval-global-test": personalized and last_round})
-        random.seed(sampling_seed(config.seed, server_round, "evaluate"))
-        eval_messages = list(strategy.configure_evaluate(server_round, arrays, eval_config, grid))
-        if eval_messages:
-            eval_metrics = strategy.aggregate_evaluate(server_round, list(grid.send_and_receive(eval_messages)))
-            if eval_metrics:
-                row["client_eval_loss"] = float(eval_metrics["eval-loss"])
-                row["client_eval_accuracy"] = float(eval_metrics["eval-accuracy"])
-                row["client_eval_f1"] = float(eval_metrics["eval-f1"])
-                row.update({PERSONALIZED_KEYS[k]: float(v) for k, v in eval_metrics.items() if k in PERSONALIZED_KEYS})
-        if personalized:
-            row["test_eval"] = "personalized-mean"  # each client's own model on the global test set, averaged
-        elif server_round % config.server_eval_every == 0 or last_round:
-            row.update(evaluate_global(workspace, strategy))
-        total_down += bytes_down
-        total_up += bytes_up
+        train_time = time.perf_counter() - started  # configure, train, aggregate (no evaluation)
+        row.update(self.evaluate(server_round))
+        row.update(self.traffic.count(messages, replies))
         row.update(
-            {
-                "bytes_down": bytes_down,
-                "bytes_up": bytes_up,
-                "bytes_down_per_client": bytes_down // max(len(train_messages), 1),
-                "bytes_up_per_client": bytes_up // max(len(ok_replies), 1),
-                "train_round_time": train_round_time,
-                "round_time": time.perf_counter() - round_started,
-                "wall_time": recorder.elapsed(),
-            }
+            train_round_time=train_time, round_time=time.perf_counter() - started, wall_time=self.recorder.elapsed()
         )
-        recorder.log(row)
-        reporter.round_finished(row)
+        return row
 
-    # The final global adapter, as a standard peft adapter folder (for FedSA: Ā with the initial B;
-    # each client's own B stays in its client state).
-    workspace.load_global(strategy.global_model_state())
-    if strategy.folded:
-        # FedEx / FLoRA changed the frozen weights too: keep them beside the adapter.
-        from safetensors.torch import save_file
-
-        (recorder.run_dir / "adapter").mkdir(parents=True, exist_ok=True)
-        save_file(
-            {layer: (strategy.scale * m).float().contiguous() for layer, m in strategy.folded.items()},
-            str(recorder.run_dir / "adapter" / "base_residuals.safetensors"),
+    def _no_update(self, server_round: int, result: TrainRoundResult, privacy: dict[str, Any]) -> dict[str, Any]:
+        if result.refused and len(result.refused) == len(result.replies) and not result.rejected:
+            self.reporter.note(f"round {server_round}: every client has spent its privacy budget; stopping")
+            return {"round": server_round, "stopped": "privacy budget exhausted", **privacy}
+        reasons = sorted(set(result.failed) | set(result.rejected.values()))[:3]
+        raise FederationError(
+            f"round {server_round}: no client returned a result: {'; '.join(reasons) or 'no replies (timeout?)'}"
         )
-    adapter_dir = recorder.run_dir / "adapter"
-    workspace.model.save_pretrained(adapter_dir)
-    workspace.tokenizer.save_pretrained(adapter_dir)
-    rows = read_metrics(recorder.run_dir)
-    final = next((row for row in reversed(rows) if "test_accuracy" in row), rows[-1])
-    summary = {
-        "run_dir": str(recorder.run_dir),
-        "test_accuracy": final.get("test_accuracy"),
-        "test_f1": final.get("test_f1"),
-        "test_loss": final.get("test_loss"),
-        "dp_epsilon_max": ledger.update([])["dp_epsilon_max"] if config.dp.sample_level else None,
-        "bytes_down_total": total_down,
-        "bytes_up_total": total_up,
-        "wall_time": recorder.elapsed(),
-        "label_names": workspace.task.label_names,
-        "plot": str(plot_run(recorder.run_dir)),
-        "adapter": str(adapter_dir),
-    }
-    recorder.write_json("summary.json", summary)
-    reporter.finish(rows, {k: v for k, v in summary.items() if k != "label_names"})
-    return summary
+
+    def evaluate(self, server_round: int) -> dict[str, Any]:
+        last_round = server_round == self.config.num_rounds
+        config = ConfigRecord({wire.TEST_SET: self.evaluation.clients_score_test_set(last_round)})
+        messages = list(self.strategy.configure_evaluate(server_round, self.arrays, config, self.grid))
+        metrics = self.strategy.evaluate_round(server_round, self.grid.send_and_receive(messages)) if messages else {}
+        return {**metrics, **self.evaluation.server_metrics(server_round, last_round, self.strategy)}
+
+    def finish(self) -> dict[str, Any]:
+        """Save the final global adapter as a standard peft adapter folder (for a method whose clients keep their own
+        B: Ā with the initial B; each client's B stays in its client state) and write the run summary."""
+        self.workspace.load_global(self.strategy.global_model_state())
+        adapter_dir = self.recorder.save_adapter(
+            self.workspace.model, self.workspace.tokenizer, self.strategy.base_residuals()
+        )
+        rows = read_metrics(self.recorder.run_dir)
+        final = next((row for row in reversed(rows) if "test_accuracy" in row), rows[-1])
+        summary = {
+            "run_dir": str(self.recorder.run_dir),
+            "test_accuracy": final.get("test_accuracy"),
+            "test_f1": final.get("test_f1"),
+            "test_loss": final.get("test_loss"),
+            "dp_epsilon_max": self.ledger.update([])["dp_epsilon_max"] if self.ledger is not None else None,
+            "bytes_down_total": self.traffic.down_total,
+            "bytes_up_total": self.traffic.up_total,
+            "wall_time": self.recorder.elapsed(),
+            "label_names": self.workspace.task.label_names,
+            "plot": str(plot_run(self.recorder.run_dir)),
+            "adapter": str(adapter_dir),
+        }
+        self.recorder.write_json("summary.json", summary)
+        self.reporter.finish(rows, {k: v for k, v in summary.items() if k != "label_names"})
+        return summary
+
+
+def run_server(grid: Grid, config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Run ``config.num_rounds`` rounds of ``config.strategy`` over ``grid``; return the run summary."""
+    return FederatedRun(grid, config, reporter or Reporter()).run()
 
 
 def make_server_app(bound_config: RunConfig | None = None, reporter: Reporter | None = None) -> ServerApp:

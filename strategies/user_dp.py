@@ -1,86 +1,110 @@
-"""User-level DP on the server: Flower's DP wrapper where it fits, the same mechanism where it does not.
+"""User-level DP on the server (DP-FedAvg, McMahan et al. 2018): one mechanism for every method.
 
-- FedAvg-LoRA, FFA-LoRA and FedSA-LoRA send and receive the same keys, so Flower's
-  ``DifferentialPrivacyServerSideFixedClipping`` applies as is: it clips each reply against what was
-  broadcast and adds N(0, (zS/m)²) to the aggregate (``FlowerUserDP`` below also hands the noisy
-  aggregate back to the strategy, so evaluation and the saved adapter are the private ones).
-- FedSVD (uploads B, broadcasts a re-factorized A and B) and LoRA-FAIR (whose M* = Σ p_k B_k A_k is not a
-  function of the averages) get ``UserDP``: each client's update — its uploaded tensors minus the
-  broadcast ones, and for LoRA-FAIR also its product change B_k A_k − B A per layer — is clipped jointly
-  to S; the uniform mean gets the same noise; the method's math then runs on that noisy mean (and noisy
-  M*), which is post-processing of one Gaussian mechanism per round.
-Either way the server composes ε over rounds (``UserLevelLedger``; no amplification from client sampling).
+Before a method's math sees a round's replies they pass through the strategy's ``privacy`` object, chosen
+once per run: ``NoUserDP`` hands them on unchanged (pfl-research's ``NoPrivacy``); ``UserLevelDP`` clips each
+client's update (what it uploaded minus what the server holds, jointly over its tensors) to S, averages the
+clipped updates with equal weights and adds N(0, (zS/m)²), and gives the method a single pseudo-client: the
+server's state plus that noisy mean. For methods whose math needs M* = Σ p_k B_k A_k and not only the mean
+factors (a correction towards M*), each client's product change B_k A_k − BA joins its update, so a noisy M* is released
+with the same noise scale. Everything the method computes from these is post-processing of one Gaussian
+mechanism per round, which ``UserLevelLedger`` composes over rounds (no amplification from client sampling
+is claimed: the server's client sampling is neither secret nor Poisson). Which mode a method needs (or that it has none)
+is part of its registration (``user_dp=``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
-from fedlowrank.adapters import LayerFactors
+from fedlowrank.adapters import LayerFactors, lora_factors
+from fedlowrank.config import RunConfig
 from fedlowrank.privacy.user_level import UserLevelLedger, noisy_mean
+from strategies.method import UserDPMode
 
-FLOWER_WRAPPED = ("fedit", "ffa", "fedsa")
-OWN_MECHANISM = ("fedsvd", "lora-fair")
 PRODUCT_SUFFIX = ".product"
 
 
 @dataclass
-class UserDP:
-    noise_multiplier: float
-    clip_norm: float
-    ledger: UserLevelLedger
-    with_products: bool = False  # LoRA-FAIR: release a noisy M* too
-    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+class ClientUpdates:
+    """What a round's accepted clients sent, as the method's math will see it."""
+
+    uploads: list[dict[str, torch.Tensor]]
+    factors: list[dict[str, LayerFactors]]
+    weights: torch.Tensor
+    target_products: dict[str, torch.Tensor] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class UpdatePrivacy(Protocol):
+    active: bool
 
     def privatize(
+        self, updates: ClientUpdates, server_state: dict[str, torch.Tensor], previous: dict[str, LayerFactors]
+    ) -> ClientUpdates: ...
+
+
+class NoUserDP:
+    """The clients' updates go to the method as they are."""
+
+    active = False
+
+    def privatize(
+        self, updates: ClientUpdates, server_state: dict[str, torch.Tensor], previous: dict[str, LayerFactors]
+    ) -> ClientUpdates:
+        return updates
+
+
+class UserLevelDP:
+    """DP-FedAvg's clip, mean and noise before the method's math (see the module docstring)."""
+
+    active = True
+
+    def __init__(
         self,
-        states: list[dict[str, torch.Tensor]],
-        broadcast: dict[str, torch.Tensor],
-        clients: list[dict[str, LayerFactors]],
-        previous: dict[str, LayerFactors],
-    ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]:
-        """One noisy pseudo-client state (broadcast + noisy mean update) and, if asked, noisy products."""
-        updates = []
-        for state, factors in zip(states, clients, strict=True):
-            update = {k: v.double() - broadcast[k].double() for k, v in state.items()}
-            if self.with_products:
+        noise_multiplier: float,
+        clip_norm: float,
+        ledger: UserLevelLedger,
+        mode: UserDPMode = UserDPMode(),
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.noise_multiplier, self.clip_norm, self.ledger, self.mode = noise_multiplier, clip_norm, ledger, mode
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+
+    @classmethod
+    def from_config(cls, config: RunConfig, mode: UserDPMode) -> UserLevelDP:
+        dp = config.dp
+        ledger = UserLevelLedger(dp.user_noise_multiplier, 1.0, dp.user_delta, dp.accountant)
+        generator = torch.Generator().manual_seed(config.seed)
+        return cls(dp.user_noise_multiplier, dp.user_clip_norm, ledger, mode, generator)
+
+    def privatize(
+        self, updates: ClientUpdates, server_state: dict[str, torch.Tensor], previous: dict[str, LayerFactors]
+    ) -> ClientUpdates:
+        deltas = []
+        for upload, factors in zip(updates.uploads, updates.factors, strict=True):
+            delta = {key: value.double() - server_state[key].double() for key, value in upload.items()}
+            if self.mode.with_products:
                 for layer, pair in factors.items():
                     before = previous[layer].B.double() @ previous[layer].A.double()
-                    update[layer + PRODUCT_SUFFIX] = pair.B.double() @ pair.A.double() - before
-            updates.append(update)
-        mean, _norms = noisy_mean(updates, self.clip_norm, self.noise_multiplier, self.generator)
-        pseudo = {k: (broadcast[k].double() + mean[k]).to(broadcast[k].dtype) for k in states[0]}
-        if not self.with_products:
-            return [pseudo], None
-        targets = {
-            layer: previous[layer].B.double() @ previous[layer].A.double() + mean[layer + PRODUCT_SUFFIX]
-            for layer in previous
+                    delta[layer + PRODUCT_SUFFIX] = pair.B.double() @ pair.A.double() - before
+            deltas.append(delta)
+        mean, _norms = noisy_mean(deltas, self.clip_norm, self.noise_multiplier, self.generator)
+        pseudo = {
+            key: (server_state[key].double() + mean[key]).to(server_state[key].dtype) for key in updates.uploads[0]
         }
-        return [pseudo], targets
-
-
-class FlowerUserDP(DifferentialPrivacyServerSideFixedClipping):
-    """Flower's server-side fixed-clipping DP wrapper around a ``LoRAStrategy``, with ε accounting."""
-
-    def __init__(self, strategy: Any, noise_multiplier: float, clip_norm: float, num_sampled: int, ledger) -> None:
-        super().__init__(strategy, noise_multiplier, clip_norm, num_sampled)
-        self.ledger = ledger
-
-    def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies: list[Message] = list(replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is not None:
-            self.strategy.adopt_broadcast(arrays)
-            self.strategy.round_info["user_dp_epsilon"] = self.ledger.release()
-        return arrays, metrics
-
-    def __getattr__(self, name: str) -> Any:
-        # The round loop reads the method's spec, round_info, broadcast_record(), ... from the strategy.
-        if name == "strategy":
-            raise AttributeError(name)
-        return getattr(self.strategy, name)
+        targets = None
+        if self.mode.with_products:
+            targets = {
+                layer: previous[layer].B.double() @ previous[layer].A.double() + mean[layer + PRODUCT_SUFFIX]
+                for layer in previous
+            }
+        return ClientUpdates(
+            uploads=[pseudo],
+            factors=[lora_factors(pseudo, fill_from=previous)],
+            weights=torch.ones(1, dtype=torch.float64),
+            target_products=targets,
+            metrics={"user_dp_epsilon": self.ledger.release()},
+        )

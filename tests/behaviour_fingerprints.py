@@ -72,10 +72,7 @@ def base_settings(data_dir: Path, output_dir: Path, name: str) -> dict[str, Any]
 def run_case(name: str, data_dir: Path, output_dir: Path) -> Path:
     """Run one case through the in-process simulator (the code path of ``fedlowrank simulate``)."""
     from fedlowrank.config import RunConfig
-    try:
-        from simulations.run import run_inprocess
-    except ImportError:  # TEMP: before the refactor
-        from strategies.simulation import run_inprocess
+    from simulations.run import run_inprocess
 
     flat = {**base_settings(data_dir, output_dir, name), **CASES[name]}
     run_inprocess(RunConfig.from_flat(flat))

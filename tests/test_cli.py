@@ -90,12 +90,14 @@ def test_keys_lists_every_config_key():
     result = runner.invoke(app, ["keys"])
     assert result.exit_code == 0
     assert "lora.r = 8" in result.output and "dp.epsilon" in result.output
+    assert "method.fedsvd.period = 1" in result.output and "LoRA rank" in result.output
 
 
 def test_core_library_never_imports_flower():
     code = (
         "import sys, fedlowrank.config, fedlowrank.models, fedlowrank.adapters, fedlowrank.data, "
-        "fedlowrank.training, fedlowrank.runtime, fedlowrank.report, fedlowrank.centralized, fedlowrank.cli;"
+        "fedlowrank.training, fedlowrank.runtime, fedlowrank.report, fedlowrank.centralized, fedlowrank.cli, "
+        "fedlowrank.protocol, fedlowrank.engine, fedlowrank.privacy;"
         "print(sorted(m for m in sys.modules if m == 'flwr' or m.startswith('flwr.')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -106,11 +108,13 @@ def test_pyproject_flower_config_declares_every_key_with_its_default():
     import tomllib
     from pathlib import Path
 
-    from fedlowrank.config import RunConfig, _flatten
+    from fedlowrank.config import _flatten
+    from simulations.sync_defaults import default_config
 
     pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
     declared = _flatten(pyproject["tool"]["flwr"]["app"]["config"])
-    assert declared == RunConfig().to_flat()
+    assert declared == default_config().to_flat()
+    assert "method.lora-fair.lambda" in declared and "num-rounds" in declared
 
 
 @pytest.mark.parametrize(

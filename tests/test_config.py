@@ -8,8 +8,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_default_toml_spells_out_the_dataclass_defaults():
+    from simulations.sync_defaults import default_config
+
     from_file = RunConfig.from_toml(REPO / "simulations" / "default.toml")
-    assert from_file == RunConfig()
+    assert from_file == default_config()  # RunConfig's defaults and every method's option defaults
 
 
 def test_overrides_are_typed_and_dotted_keys_reach_sections(tmp_path):
@@ -79,5 +81,7 @@ def test_missing_and_broken_toml_files(tmp_path):
 
 
 def test_every_simulation_config_parses():
+    from strategies.registry import resolve_method
+
     for path in sorted((REPO / "simulations").rglob("*.toml")):
-        RunConfig.from_toml(path)
+        resolve_method(RunConfig.from_toml(path))

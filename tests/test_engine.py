@@ -8,7 +8,7 @@ from conftest import fixed_dp_plan
 
 from fedlowrank.adapters import adapter_state, load_adapter_state, set_trainable
 from fedlowrank.config import TrainSettings
-from fedlowrank.engine import ClientJob, train_batched
+from fedlowrank.engine import ClientJob, PlainData, PrivateData, train_batched
 from fedlowrank.runtime import get_workspace
 from fedlowrank.training import train_local
 
@@ -63,7 +63,8 @@ def test_batched_clients_match_sequential_training(workspace, settings, kind, tr
     load_adapter_state(workspace.model, workspace.initial_state)
     before_model = adapter_state(workspace.model)
     jobs = [
-        ClientJob(start, workspace.client_train_loader(pid, seed=5 + pid), 5 + pid) for pid, start in enumerate(starts)
+        ClientJob(start, PlainData(workspace.client_train_loader(pid, seed=5 + pid)), 5 + pid)
+        for pid, start in enumerate(starts)
     ]
     results = train_batched(workspace.model, jobs, settings, kind)
     sizes = [len(workspace.client_train_dataset(pid)) for pid in range(3)]
@@ -95,7 +96,7 @@ def test_batched_grid_runs_the_same_federation_as_the_sequential_path(workspace,
     import json
     from pathlib import Path
 
-    from strategies.simulation import run_inprocess
+    from simulations.run import run_inprocess
 
     finals, losses = {}, {}
     for engine in ("sequential", "batched"):
@@ -125,7 +126,6 @@ def test_batched_grid_runs_the_same_federation_as_the_sequential_path(workspace,
 )
 def test_batched_dp_sgd_matches_each_client_training_alone(workspace, sigma, clip, kind, trains_a):
     """Per-client per-example clipping and noise inside the shared pass = ``train_private`` (Opacus) per client."""
-    from fedlowrank.engine import PrivateJob
     from fedlowrank.privacy.accounting import PrivacyAccountant
     from fedlowrank.privacy.dp_sgd import train_private
 
@@ -154,11 +154,7 @@ def test_batched_dp_sgd_matches_each_client_training_alone(workspace, sigma, cli
         accountants.append(accountant)
     load_adapter_state(workspace.model, workspace.initial_state)
     jobs = [
-        ClientJob(
-            start,
-            seed=7 + pid,
-            private=PrivateJob(datasets[pid], workspace.collator, plans[pid], PrivacyAccountant(), clip),
-        )
+        ClientJob(start, PrivateData(datasets[pid], workspace.collator, plans[pid], PrivacyAccountant(), clip), 7 + pid)
         for pid, start in enumerate(starts)
     ]
     results = train_batched(workspace.model, jobs, settings, kind)
@@ -168,7 +164,7 @@ def test_batched_dp_sgd_matches_each_client_training_alone(workspace, sigma, cli
             error = (state[key] - want[key]).norm()
             assert error <= 1e-4 * max(float(moved), 1e-6) + 1e-6, (k, key, float(error), float(moved))
         assert result.num_steps == plans[k].steps_per_round
-        assert jobs[k].private.accountant.history == accountants[k].history
+        assert jobs[k].data.accountant.history == accountants[k].history
         assert result.epsilon == pytest.approx(accountants[k].epsilon(1e-5), rel=1e-12)
     if not trains_a:
         for (state, _), start in zip(results, starts, strict=True):
@@ -178,13 +174,12 @@ def test_batched_dp_sgd_matches_each_client_training_alone(workspace, sigma, cli
 
 
 def test_batched_dp_refuses_a_round_past_the_budget_before_training(workspace):
-    from fedlowrank.engine import PrivateJob
     from fedlowrank.privacy.accounting import PrivacyAccountant, PrivacyBudgetExceeded
 
     dataset = workspace.client_train_dataset(0)
     plan = fixed_dp_plan(len(dataset), 0.6, local_steps=40, budget=1.0)
     accountant = PrivacyAccountant()
-    job = ClientJob(workspace.initial_state, private=PrivateJob(dataset, workspace.collator, plan, accountant, 1.0))
+    job = ClientJob(workspace.initial_state, PrivateData(dataset, workspace.collator, plan, accountant, 1.0))
     with pytest.raises(PrivacyBudgetExceeded):
         train_batched(workspace.model, [job], TrainSettings(local_steps=40, batch_size=8))
     assert accountant.history == []
@@ -195,7 +190,7 @@ def test_batched_grid_runs_dp_federation_like_the_sequential_path(workspace, tin
     import json
     from pathlib import Path
 
-    from strategies.simulation import run_inprocess
+    from simulations.run import run_inprocess
 
     finals, ledgers = {}, {}
     for engine in ("sequential", "batched"):
@@ -223,7 +218,6 @@ def test_batched_grid_runs_dp_federation_like_the_sequential_path(workspace, tin
 @pytest.mark.parametrize("private", [False, True])
 def test_length_sorted_chunks_give_the_same_updates_as_one_pass(workspace, private):
     """Chunking a step by padded tokens (per-chunk padding) changes neither plain nor DP-SGD updates."""
-    from fedlowrank.engine import PrivateJob
     from fedlowrank.privacy.accounting import PrivacyAccountant
 
     settings = TrainSettings(local_steps=2, batch_size=8, lr=5e-3)
@@ -232,15 +226,16 @@ def test_length_sorted_chunks_give_the_same_updates_as_one_pass(workspace, priva
     def jobs():
         if not private:
             return [
-                ClientJob(s, workspace.client_train_loader(pid, seed=3 + pid), 3 + pid) for pid, s in enumerate(starts)
+                ClientJob(s, PlainData(workspace.client_train_loader(pid, seed=3 + pid)), 3 + pid)
+                for pid, s in enumerate(starts)
             ]
         out = []
         for pid, start in enumerate(starts):
             data = workspace.client_train_dataset(pid)
-            job = PrivateJob(
+            dp_data = PrivateData(
                 data, workspace.collator, fixed_dp_plan(len(data), 0.7, local_steps=2), PrivacyAccountant(), 0.5
             )
-            out.append(ClientJob(start, seed=3 + pid, private=job))
+            out.append(ClientJob(start, dp_data, 3 + pid))
         return out
 
     # SGD: the update is linear in the gradient (AdamW's first step, g/|g|, magnifies float rounding)

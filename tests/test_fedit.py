@@ -1,11 +1,13 @@
 import pytest
 import torch
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import Message, RecordDict
 
 from fedlowrank.adapters import LayerFactors
-from strategies import fedit
-from strategies.base import LoRAStrategy, client_weights
-from strategies.records import record_to_state, state_to_record
+from fedlowrank.protocol import TrainReply
+from fedlowrank.protocol.flower import encode_reply, record_to_state, state_to_record
+from strategies.method import client_weights
+from strategies.methods import fedit
+from strategies.strategy import LoRAStrategy
 
 
 def _random_clients(k=4, layers=("l0", "l1"), d_in=12, d_out=10, r=3, seed=0):
@@ -55,21 +57,15 @@ def test_client_weights():
 
 def _reply(state, num_examples, node):
     instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
-    instruction.metadata.__dict__["_message_id"] = f"m{node}"
-    content = RecordDict(
-        {
-            "arrays": state_to_record(state),
-            "metrics": MetricRecord({"num-examples": num_examples, "train-loss": float(node)}),
-        }
-    )
-    return Message(content, reply_to=instruction)
+    reply = TrainReply(node, num_examples, state, train_loss=float(node), num_steps=1, train_time=0.0)
+    return Message(encode_reply(reply), reply_to=instruction)
 
 
 @pytest.fixture(autouse=True)
 def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
+    from simulations.grids import adopt_server_identity
 
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    adopt_server_identity()
 
 
 def test_flower_strategy_weights_by_examples_and_averages_the_head():
@@ -82,7 +78,7 @@ def test_flower_strategy_weights_by_examples_and_averages_the_head():
         state["classifier.weight"] = torch.full((2, 4), float(k))
         states.append(state)
     initial = {k: torch.zeros_like(v) for k, v in states[0].items()}
-    strategy = LoRAStrategy(fedit.SPEC, fedit.server_update, initial, scale=2.0)
+    strategy = LoRAStrategy.for_method("fedit", initial, scale=2.0)
     arrays, metrics = strategy.aggregate_train(
         1, [_reply(s, n, i + 1) for i, (s, n) in enumerate(zip(states, [10, 20, 70], strict=True))]
     )
@@ -92,7 +88,7 @@ def test_flower_strategy_weights_by_examples_and_averages_the_head():
     torch.testing.assert_close(merged["l1.lora_A.weight"], expected_a, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(merged["classifier.weight"], torch.full((2, 4), 0.2 + 1.4))
     assert metrics["train-loss"] == pytest.approx(0.1 * 1 + 0.2 * 2 + 0.7 * 3)
-    uniform = LoRAStrategy(fedit.SPEC, fedit.server_update, initial, scale=2.0, weighting="uniform")
+    uniform = LoRAStrategy.for_method("fedit", initial, scale=2.0, weighting="uniform")
     arrays, _ = uniform.aggregate_train(
         1, [_reply(s, n, i + 1) for i, (s, n) in enumerate(zip(states, [10, 20, 70], strict=True))]
     )

@@ -6,19 +6,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedlowrank.adapters import LayerFactors
 from fedlowrank.config import ConfigError, RunConfig
 from fedlowrank.fed_galore import client_projected_updates, projectors_from_wire, projectors_to_wire
 from fedlowrank.galore import GaLoreAdamW, optimizer_state_breakdown, optimizer_state_bytes
 from fedlowrank.galore_setup import fed_galore_modules, lora_base_weights
 from fedlowrank.report import read_metrics
-from strategies.fed_galore import server_projectors, server_update
+from strategies.method import RoundInput
+from strategies.methods import fed_galore
+from strategies.methods.fed_galore import FedGaLoreOptions, server_projectors
 
 
 # ---- configuration ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("flat", "fragment"),
     [
-        ({"optimizer": "adam"}, "optimizer must be one of adamw, sgd, galore"),
+        ({"optimizer": "adam"}, "optimizer must be one of 'adamw', 'sgd', 'galore'"),
         ({"optimizer": "galore", "galore.rank": 8}, r"galore.rank=8 is not below lora.r=8.*galore.train-modules"),
         ({"optimizer": "galore", "galore.projector": "pca"}, "galore.projector must be one of"),
         ({"optimizer": "galore", "galore.moment-policy": "drop"}, "galore.moment-policy must be one of"),
@@ -30,8 +33,10 @@ from strategies.fed_galore import server_projectors, server_update
     ],
 )
 def test_bad_galore_settings_fail_with_clear_messages(flat, fragment):
+    from strategies.registry import resolve_method
+
     with pytest.raises(ConfigError, match=fragment):
-        RunConfig.from_flat(flat)
+        resolve_method(RunConfig.from_flat(flat))
 
 
 def test_galore_keys_parse_from_overrides():
@@ -103,7 +108,7 @@ def test_centralized_galore_learns_and_trains_unfrozen_base_weights(tiny_config)
 
 
 def test_federated_clients_train_with_galore(tiny_config):
-    from strategies.simulation import run_inprocess
+    from simulations.run import run_inprocess
 
     config = tiny_config(optimizer="galore", name="fedit-galore", **{"num-rounds": 3, "train.local-steps": 6})
     rows = read_metrics(run_inprocess(config)["run_dir"])
@@ -112,7 +117,7 @@ def test_federated_clients_train_with_galore(tiny_config):
 
 
 def test_lora_strategies_refuse_unfrozen_base_weights(tiny_config):
-    from strategies.simulation import run_inprocess
+    from simulations.run import run_inprocess
 
     config = tiny_config(optimizer="galore", **{"galore.train-modules": ["query"], "galore.rank": 16})
     with pytest.raises(ConfigError, match="does not aggregate"):
@@ -128,21 +133,35 @@ def test_server_update_is_the_weighted_average_of_in_span_client_updates():
     for layer in shapes:
         assert torch.equal(clients[layer].basis, projectors[layer].basis)
     generator = torch.Generator().manual_seed(0)
-    residuals = {layer: torch.randn(shape, generator=generator, dtype=torch.float64) for layer, shape in shapes.items()}
     weights = [10.0, 30.0, 20.0]
     deltas = [
         {layer: p.up(torch.randn(p.low_rank_shape(), generator=generator)) for layer, p in clients.items()}
         for _ in weights
     ]
     zeros = {layer: torch.zeros(shape) for layer, shape in shapes.items()}
-    uploads = [client_projected_updates(clients, zeros, delta) for delta in deltas]
-    updated = server_update(residuals, uploads, weights, projectors)
+    uploads = [
+        {f"{layer}.projected": low for layer, low in client_projected_updates(clients, zeros, delta).items()}
+        for delta in deltas
+    ]
+    previous = {  # the LoRA layers the weights belong to (their factors stay untouched)
+        layer: LayerFactors(A=torch.zeros(8, shape[1]), B=torch.zeros(shape[0], 8)) for layer, shape in shapes.items()
+    }
+    options = FedGaLoreOptions(rank=4, modules=("query", "value"))
+
+    def update(chosen, weight_list):
+        weights_t = torch.tensor(weight_list, dtype=torch.float64) / sum(weight_list)
+        inputs = RoundInput([{}] * len(chosen), weights_t, previous, 2, uploads=chosen, seed=3)
+        return fed_galore.server_update(inputs, options)
+
+    result = update(uploads, weights)
     for layer in shapes:
-        expected = residuals[layer] + sum(w / 60.0 * d[layer].double() for w, d in zip(weights, deltas, strict=True))
-        torch.testing.assert_close(updated[layer], expected, rtol=0, atol=1e-6)
-    # No residual yet (round 1): the update starts from zero.
-    first = server_update({}, uploads[:1], [1.0], projectors)
-    torch.testing.assert_close(first["a.query"], deltas[0]["a.query"].double(), rtol=0, atol=1e-6)
+        expected = sum(w / 60.0 * d[layer].double() for w, d in zip(weights, deltas, strict=True))
+        torch.testing.assert_close(result.fold[layer], expected, rtol=0, atol=1e-6)
+        assert result.factors[layer] is previous[layer]
+    # one client: the fold is its own update
+    first = update(uploads[:1], [1.0])
+    torch.testing.assert_close(first.fold["a.query"], deltas[0]["a.query"].double(), rtol=0, atol=1e-6)
+    assert result.metrics["galore_projected_bytes"] < result.metrics["galore_dense_bytes"]
 
 
 # ---- fed-galore: in Flower -----------------------------------------------------------------------------------
@@ -161,7 +180,7 @@ def _fed_galore_config(tiny_config, **overrides):
 
 def test_fed_galore_server_update_equals_the_weighted_average_of_client_updates(tiny_config, monkeypatch):
     import fedlowrank.training as training
-    from strategies.simulation import run_inprocess
+    from simulations.run import run_inprocess
 
     recorded = []
     original = training.train_local
@@ -189,7 +208,7 @@ def test_fed_galore_server_update_equals_the_weighted_average_of_client_updates(
 
 def test_fed_galore_learns_and_uploads_only_projected_updates(tiny_config):
     from fedlowrank.runtime import get_workspace
-    from strategies.simulation import run_inprocess
+    from simulations.run import run_inprocess
 
     config = _fed_galore_config(tiny_config, name="fed-galore-run", **{"num-rounds": 3, "train.local-steps": 6})
     summary = run_inprocess(config)

@@ -311,7 +311,7 @@ def test_dp_config_is_validated(tiny_config):
 
 def test_federated_dp_run_keeps_a_per_client_ledger_and_records_refusals(tiny_config):
     """The budget fits one round for the smaller client (larger q) and k ≥ 2 rounds for the larger one."""
-    from strategies.simulation import run_inprocess
+    from simulations.run import run_inprocess
 
     probe = tiny_config(**{"num-clients": 2, "dp.epsilon": 100.0})
     ws = get_workspace(probe)
@@ -384,9 +384,9 @@ def test_user_level_epsilon_is_the_composed_gaussian_mechanism():
 def test_fedsvd_user_dp_equals_fedsvd_math_on_the_noisy_mean_of_clipped_b():
     from fedlowrank.adapters import LayerFactors
     from fedlowrank.privacy.user_level import UserLevelLedger
-    from strategies import fedsvd
-    from strategies.common import RoundInput
-    from strategies.user_dp import UserDP
+    from strategies.method import RoundInput
+    from strategies.methods import fedsvd
+    from strategies.user_dp import ClientUpdates, UserLevelDP
 
     gen = torch.Generator().manual_seed(3)
     layer, d_out, d_in, r = "layer.q", 12, 10, 3
@@ -397,12 +397,13 @@ def test_fedsvd_user_dp_equals_fedsvd_math_on_the_noisy_mean_of_clipped_b():
         )
     }
     key = f"{layer}.lora_B.weight"
-    broadcast = {key: prev[layer].B.clone()}
+    server_state = {key: prev[layer].B.clone()}
     states = [{key: prev[layer].B + s * torch.randn(d_out, r, generator=gen)} for s in (0.1, 3.0, 0.5)]
     clients = [{layer: LayerFactors(A=prev[layer].A, B=s[key])} for s in states]
-    mech = UserDP(0.0, 1.0, UserLevelLedger(1.0, 1.0, 1e-5))
-    pseudo, targets = mech.privatize(states, broadcast, clients, prev)
-    assert targets is None
+    weights = torch.full((3,), 1 / 3, dtype=torch.float64)
+    mechanism = UserLevelDP(0.0, 1.0, UserLevelLedger(1.0, 1.0, 1e-5))
+    private = mechanism.privatize(ClientUpdates(states, clients, weights), server_state, prev)
+    assert private.target_products is None and private.metrics["user_dp_epsilon"] > 0
     mean = (
         sum(
             prev[layer].B + (s[key] - prev[layer].B) * min(1.0, 1.0 / float((s[key] - prev[layer].B).norm()))
@@ -410,19 +411,15 @@ def test_fedsvd_user_dp_equals_fedsvd_math_on_the_noisy_mean_of_clipped_b():
         )
         / 3
     )
-    torch.testing.assert_close(pseudo[0][key], mean, rtol=1e-6, atol=1e-6)
-    update = fedsvd.server_update(
-        RoundInput(
-            [{layer: LayerFactors(A=prev[layer].A, B=pseudo[0][key])}], torch.ones(1, dtype=torch.float64), prev, 1
-        )
-    )
+    torch.testing.assert_close(private.uploads[0][key], mean, rtol=1e-6, atol=1e-6)
+    update = fedsvd.server_update(RoundInput(private.factors, private.weights, prev, 1))
     new = update.factors[layer]
     torch.testing.assert_close((new.B @ new.A).double(), (mean @ prev[layer].A).double(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["fedit", "fedsvd", "lora-fair"])
 def test_user_level_dp_runs_end_to_end_and_accounts_every_round(tiny_config, strategy):
-    from strategies.simulation import run_inprocess
+    from simulations.run import run_inprocess
 
     config = tiny_config(
         **{
@@ -442,11 +439,11 @@ def test_user_level_dp_runs_end_to_end_and_accounts_every_round(tiny_config, str
 
 
 def test_user_level_dp_refuses_strategies_without_a_mechanism(tiny_config):
-    from strategies.registry import build_strategy
+    from strategies.registry import resolve_method
 
     config = tiny_config(**{"strategy": "fedex", "weighting": "uniform", "dp.user-noise-multiplier": 1.0})
     with pytest.raises(ConfigError, match="user-level DP is available for"):
-        build_strategy(config, {})
+        resolve_method(config)
 
 
 @pytest.mark.parametrize("engine", ["hooks", "fused"])

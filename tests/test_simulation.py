@@ -36,7 +36,7 @@ def _check_run_dir(run_dir, rounds):
 
 
 def test_two_round_inprocess_simulation_writes_a_loadable_adapter(tiny_config):
-    from strategies.simulation import run_inprocess
+    from simulations.run import run_inprocess
 
     config = tiny_config(**{"train.local-steps": 6})
     summary = run_inprocess(config)
@@ -73,8 +73,8 @@ def test_two_round_flower_ray_simulation_matches_inprocess(tiny_config):
     from flwr.simulation import run_simulation
 
     from clients.client_app import make_client_app
+    from simulations.run import run_inprocess
     from strategies.server_app import make_server_app
-    from strategies.simulation import run_inprocess
 
     ray_config = tiny_config(name="ray")
     run_simulation(
@@ -106,8 +106,8 @@ def _adapter_tensors(run_dir):
 
 def test_server_stops_clearly_when_too_few_nodes_connect(tiny_config):
     from clients.client_app import make_client_app
+    from simulations.grids import InProcessGrid
     from strategies.server_app import FederationError, run_server
-    from strategies.simulation import InProcessGrid
 
     config = tiny_config(**{"num-clients": 3, "node-wait-seconds": 0.5})
     grid = InProcessGrid(make_client_app(config), num_nodes=2, run_config=config.to_flat())

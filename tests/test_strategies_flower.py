@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message, RecordDict
 
 from fedlowrank.adapters import (
     LayerFactors,
@@ -15,47 +15,41 @@ from fedlowrank.adapters import (
 )
 from fedlowrank.config import LoraSettings
 from fedlowrank.models import load_model
+from fedlowrank.protocol import TrainReply, a_checksum
+from fedlowrank.protocol.flower import encode_reply
 from fedlowrank.report import read_metrics
-from fedlowrank.state import DiskStateStore, MemoryStateStore
-from strategies import ffa
-from strategies.base import LoRAStrategy
-from strategies.common import a_checksum
-from strategies.records import state_to_record
+from fedlowrank.state import DiskStateStore
+from strategies.strategy import LoRAStrategy
 
 
 @pytest.fixture(autouse=True)
 def _task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
+    from simulations.grids import adopt_server_identity
 
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    adopt_server_identity()
 
 
 def _reply(arrays, num_examples, node, checksum=None):
     instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
-    instruction.metadata.__dict__["_message_id"] = f"m{node}"
-    content = RecordDict(
-        {"arrays": state_to_record(arrays), "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 1.0})}
-    )
-    if checksum is not None:
-        content["client-info"] = ConfigRecord({"a-checksum": checksum})
-    return Message(content, reply_to=instruction)
+    reply = TrainReply(node, num_examples, arrays, train_loss=1.0, num_steps=1, train_time=0.0, a_checksum=checksum)
+    return Message(encode_reply(reply), reply_to=instruction)
 
 
 def test_ffa_rejects_a_client_whose_frozen_a_differs():
     generator = torch.Generator().manual_seed(0)
     initial = factor_state({"l0": LayerFactors(A=torch.randn(2, 6, generator=generator), B=torch.zeros(5, 2))})
-    strategy = LoRAStrategy(ffa.SPEC, ffa.server_update, initial, scale=1.0)
+    strategy = LoRAStrategy.for_method("ffa", initial)
     good = a_checksum(initial)
     tampered = dict(initial)
     tampered["l0.lora_A.weight"] = initial["l0.lora_A.weight"] + 1e-7
     b_ones, b_twos = {"l0.lora_B.weight": torch.ones(5, 2)}, {"l0.lora_B.weight": 2 * torch.ones(5, 2)}
-    arrays, _ = strategy.aggregate_train(
+    result = strategy.train_round(
         1, [_reply(b_ones, 10, 1, good), _reply(b_twos, 10, 2, a_checksum(tampered)), _reply(b_ones, 10, 3, None)]
     )
-    assert strategy.round_info["clients_rejected"] == 2
-    assert set(arrays.keys()) == {"l0.lora_B.weight"}  # A never travels
+    assert set(result.rejected) == {"2", "3"} and all("checksum" in why for why in result.rejected.values())
+    assert set(result.arrays.keys()) == {"l0.lora_B.weight"}  # A never travels
     torch.testing.assert_close(strategy.global_state["l0.lora_B.weight"], torch.ones(5, 2))
-    assert strategy.round_info["bias_rel_max"] < 1e-7
+    assert result.metrics["bias_rel_max"] < 1e-7
 
 
 def test_residuals_follow_each_layer_orientation():
@@ -80,9 +74,14 @@ def test_residuals_follow_each_layer_orientation():
         torch.testing.assert_close(base(x), before)
 
 
-@pytest.mark.parametrize("store_kind", ["memory", "disk"])
+@pytest.mark.parametrize("store_kind", ["context", "disk"])
 def test_client_state_stores_round_trip(store_kind, tmp_path):
-    store = MemoryStateStore() if store_kind == "memory" else DiskStateStore(tmp_path)
+    from flwr.app import Context
+
+    from clients.state import ContextStateStore
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    store = ContextStateStore(context) if store_kind == "context" else DiskStateStore(tmp_path)
     assert store.load("7", "local") is None
     tensors = {"b": torch.randn(3, 2), "head": torch.arange(4.0)}
     store.save("7", "local", tensors)
@@ -93,9 +92,11 @@ def test_client_state_stores_round_trip(store_kind, tmp_path):
 
 
 def test_fedsa_keeps_a_distinct_b_per_client_across_rounds(tiny_config):
-    from clients.client_app import LAST_TRAINED_A, LOCAL_ADAPTER, ContextStateStore, make_client_app
+    from clients.client_app import make_client_app
+    from clients.node import LAST_TRAINED_A, LOCAL_ADAPTER
+    from clients.state import ContextStateStore
+    from simulations.grids import InProcessGrid
     from strategies.server_app import run_server
-    from strategies.simulation import InProcessGrid
 
     config = tiny_config(strategy="fedsa", **{"num-rounds": 1})
     grid = InProcessGrid(make_client_app(config), config.num_clients, config.to_flat(), seed=0)
@@ -126,7 +127,7 @@ def test_fedsa_keeps_a_distinct_b_per_client_across_rounds(tiny_config):
 
 @pytest.mark.parametrize("strategy", ["fedit", "ffa", "fedsvd", "lora-fair", "fedex", "flora", "flexlora", "fedsa"])
 def test_every_strategy_runs_end_to_end_and_logs_bias(strategy, tiny_config):
-    from strategies.simulation import run_inprocess
+    from simulations.run import run_inprocess
 
     config = tiny_config(strategy=strategy, name=f"run-{strategy}")
     summary = run_inprocess(config)
@@ -145,7 +146,7 @@ def test_every_strategy_runs_end_to_end_and_logs_bias(strategy, tiny_config):
 
 
 def test_ffa_clients_share_a_bit_identical_a_in_a_real_run(tiny_config):
-    from strategies.simulation import run_inprocess
+    from simulations.run import run_inprocess
 
     summary = run_inprocess(tiny_config(strategy="ffa", name="ffa-shared"))
     rows = read_metrics(summary["run_dir"])
@@ -164,13 +165,13 @@ def test_ffa_clients_share_a_bit_identical_a_in_a_real_run(tiny_config):
 def test_fedsa_client_state_on_disk(tiny_config, tmp_path):
     from safetensors.torch import load_file
 
-    from strategies.simulation import run_inprocess
+    from simulations.run import run_inprocess
 
     state_dir = tmp_path / "client-state"
     config = tiny_config(
         strategy="fedsa",
         name="fedsa-disk",
-        **{"method.client-state": "disk", "method.client-state-dir": str(state_dir)},
+        **{"client-state": "disk", "client-state-dir": str(state_dir)},
     )
     run_inprocess(config)
     files = sorted(state_dir.glob("*/local-adapter.safetensors"))
@@ -180,10 +181,12 @@ def test_fedsa_client_state_on_disk(tiny_config, tmp_path):
 
 
 def test_fedsa_vera_shares_lambda_d_and_keeps_lambda_b_local(tiny_config):
-    from clients.client_app import LOCAL_ADAPTER, ContextStateStore, make_client_app
+    from clients.client_app import make_client_app
+    from clients.node import LOCAL_ADAPTER
+    from clients.state import ContextStateStore
     from fedlowrank.adapters import key_role
+    from simulations.grids import InProcessGrid
     from strategies.server_app import run_server
-    from strategies.simulation import InProcessGrid
 
     config = tiny_config(strategy="fedsa", name="fedsa-vera", **{"lora.adapter": "vera", "lora.r": 16})
     grid = InProcessGrid(make_client_app(config), config.num_clients, config.to_flat(), seed=0)
@@ -199,7 +202,7 @@ def test_fedsa_vera_shares_lambda_d_and_keeps_lambda_b_local(tiny_config):
 
 
 def test_ffa_with_vera_freezes_and_checks_the_shared_side(tiny_config):
-    from strategies.simulation import run_inprocess
+    from simulations.run import run_inprocess
 
     summary = run_inprocess(tiny_config(strategy="ffa", name="ffa-vera", **{"lora.adapter": "vera", "lora.r": 16}))
     rows = read_metrics(summary["run_dir"])

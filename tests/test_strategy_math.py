@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from fedlowrank.adapters import LayerFactors
-from fedlowrank.lowrank import refactorize_product, truncated_svd_of_sum
-from fedlowrank.metrics import ideal_product, layer_bias, personalization_gap, product
-from strategies import fedex, fedit, fedsa, fedsvd, ffa, flexlora, flora, lora_fair
-from strategies.common import RoundInput, client_weights
+from fedlowrank.lowrank import ideal_product, product, refactorize_product, stacked_factors, truncated_svd_of_sum
+from fedlowrank.metrics import layer_bias, personalization_gap
+from strategies.method import RoundInput, client_weights
+from strategies.methods import fedex, fedit, fedsa, fedsvd, ffa, flexlora, flora, lora_fair
 
 D_OUT, D_IN, R = 24, 20, 4
 
@@ -35,8 +35,8 @@ def _round(k=5, seed=0, drift=0.3, server_round=1, shared_a=False):
 
 def _bias(inputs, update, layer="l0"):
     broadcast = product(update.factors[layer])
-    if layer in update.fold:
-        broadcast = broadcast + update.fold[layer]
+    if layer in update.fold:  # ΔW in weight units; the bias compares products
+        broadcast = broadcast + update.fold[layer] / inputs.scale
     clients = [c[layer] for c in inputs.clients]
     return layer_bias(clients, inputs.weights, broadcast, product(inputs.previous[layer])).bias_rel
 
@@ -56,7 +56,7 @@ def test_refactorization_keeps_the_product_and_gives_orthonormal_a():
 
 def test_fedsvd_keeps_the_averaged_product_and_orthonormalizes_a():
     inputs = _round(shared_a=True)  # FedSVD clients train B only: A is the broadcast one
-    update = fedsvd.server_update(inputs, period=1)
+    update = fedsvd.server_update(inputs, fedsvd.FedSVDOptions(period=1))
     for layer in ("l0", "l1"):
         new = update.factors[layer]
         target = ideal_product([c[layer] for c in inputs.clients], inputs.weights)
@@ -70,9 +70,9 @@ def test_fedsvd_keeps_the_averaged_product_and_orthonormalizes_a():
 
 def test_fedsvd_period_skips_refactorization_between_periods():
     inputs = _round(shared_a=True, server_round=3)
-    update = fedsvd.server_update(inputs, period=2)
+    update = fedsvd.server_update(inputs, fedsvd.FedSVDOptions(period=2))
     assert torch.equal(update.factors["l0"].A, inputs.previous["l0"].A)
-    refactored = fedsvd.server_update(_round(shared_a=True, server_round=4), period=2)
+    refactored = fedsvd.server_update(_round(shared_a=True, server_round=4), fedsvd.FedSVDOptions(period=2))
     assert not torch.equal(refactored.factors["l0"].A, inputs.previous["l0"].A)
 
 
@@ -86,10 +86,11 @@ def test_ffa_averages_b_and_has_exactly_zero_bias():
 def test_fedex_effective_weight_equals_the_average_of_client_weights():
     inputs = _round()
     scale, folded_before = 2.0, torch.randn(D_OUT, D_IN, dtype=torch.float64)
+    inputs.scale = scale
     w0 = torch.randn(D_OUT, D_IN, dtype=torch.float64)
     update = fedex.server_update(inputs)
     new = update.factors["l0"]
-    effective = w0 + scale * (folded_before + update.fold["l0"] + product(new))
+    effective = w0 + scale * (folded_before + product(new)) + update.fold["l0"]  # the fold is ΔW itself
     clients_effective = sum(
         float(p) * (w0 + scale * (folded_before + product(c["l0"])))
         for p, c in zip(inputs.weights, inputs.clients, strict=True)
@@ -101,14 +102,15 @@ def test_fedex_effective_weight_equals_the_average_of_client_weights():
 def test_flora_stack_equals_the_weighted_sum_of_products_and_restarts_the_adapter():
     inputs = _round(k=4)
     clients = [c["l1"] for c in inputs.clients]
-    b_stack, a_stack = flora.stack(clients, inputs.weights)
+    b_stack, a_stack = stacked_factors([(c.B, c.A) for c in clients], inputs.weights)
     assert b_stack.shape == (D_OUT, 4 * R) and a_stack.shape == (4 * R, D_IN)
     torch.testing.assert_close(b_stack @ a_stack, ideal_product(clients, inputs.weights), rtol=1e-10, atol=1e-10)
-    update = flora.server_update(inputs, seed=3)
+    inputs.seed = 3
+    update = flora.server_update(inputs)
     assert torch.count_nonzero(update.factors["l1"].B) == 0
     assert update.factors["l1"].A.abs().max() <= 1 / D_IN**0.5
     assert _bias(inputs, update, "l1") < 1e-12
-    again = flora.server_update(inputs, seed=3)
+    again = flora.server_update(inputs)
     assert torch.equal(again.factors["l1"].A, update.factors["l1"].A)  # fresh A reproducible from seed + round
 
 
@@ -167,7 +169,9 @@ def test_lora_fair_never_increases_the_bias_over_fedit_on_random_drift():
     for seed in range(20):
         inputs = _round(seed=seed, drift=0.05 + 0.05 * (seed % 5))
         fedit_bias = _bias(inputs, fedit.server_update(inputs))
-        fair_bias = _bias(inputs, lora_fair.server_update(inputs, solver="closed-form", lam=0.01))
+        fair_bias = _bias(
+            inputs, lora_fair.server_update(inputs, lora_fair.LoRAFAIROptions(solver="closed-form", lam=0.01))
+        )
         assert 0 <= fair_bias <= fedit_bias + 1e-12
         # the B-only fix cannot remove the part of M* outside the row space of Ā
         a_bar = fedit.average_factors(inputs.clients, inputs.weights)["l0"].A.double()

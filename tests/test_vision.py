@@ -154,7 +154,7 @@ def test_federated_lora_fair_per_domain_from_the_paper_config(vision, tmp_path):
     from fedlowrank.report import read_metrics
     from fedlowrank.runtime import get_workspace
     from fedlowrank.training import evaluate
-    from strategies.simulation import run_inprocess
+    from simulations.run import run_inprocess
 
     overrides = _flat(vision, tmp_path, **{"server-eval-every": 1, "train.batch-size": 16, "lora.alpha": 8.0})
     overrides["num-clients"] = 3  # the paper has 6 domains, the colours 3
@@ -199,7 +199,7 @@ def test_centralized_training_learns_the_colours(vision, tmp_path):
 
 def test_dp_sgd_trains_a_vit_client(vision, tmp_path):
     from fedlowrank.report import read_metrics
-    from strategies.simulation import run_inprocess
+    from simulations.run import run_inprocess
 
     overrides = {
         "num-rounds": 1,

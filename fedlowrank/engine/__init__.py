@@ -1,5 +1,5 @@
 """Many clients on one device: the batched multi-client LoRA trainer (see ``batched.py``)."""
 
-from fedlowrank.engine.batched import ClientJob, PrivateJob, train_batched
+from fedlowrank.engine.batched import ClientJob, PlainData, PrivateData, train_batched
 
-__all__ = ["ClientJob", "PrivateJob", "train_batched"]
+__all__ = ["ClientJob", "PlainData", "PrivateData", "train_batched"]

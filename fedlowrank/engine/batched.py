@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from fedlowrank.config import TrainSettings
 from fedlowrank.kernels import multi_lora, per_sample_lora_grads, uses_triton
 from fedlowrank.privacy.accounting import ClientDPPlan, PrivacyAccountant, ensure_within_budget
+from fedlowrank.privacy.clipping import clipped_sums, noisy_mean_
 from fedlowrank.privacy.dp_sgd import DPTrainResult, PoissonBatches
 from fedlowrank.training import TrainResult, cycle_batches, make_optimizer, planned_steps
 
@@ -47,7 +48,14 @@ PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0}
 
 
 @dataclass
-class PrivateJob:
+class PlainData:
+    """A client's examples in its own order (its own seeded loader): plain training."""
+
+    loader: DataLoader
+
+
+@dataclass
+class PrivateData:
     """What DP-SGD needs for one client: its examples, its σ plan, its accountant and clipping norm."""
 
     dataset: Dataset
@@ -60,9 +68,8 @@ class PrivateJob:
 @dataclass
 class ClientJob:
     start_state: dict[str, torch.Tensor]  # the adapter this client starts from (peft state-dict keys)
-    loader: DataLoader | None = None  # its own examples in its own order (plain training)
+    data: PlainData | PrivateData
     seed: int = 0
-    private: PrivateJob | None = None  # DP-SGD instead of the loader
 
 
 @dataclass
@@ -229,28 +236,67 @@ def _build_stacks(model: PeftModel, jobs: list[ClientJob], device: torch.device)
     return stacks
 
 
-def _clip_per_client_(params: list[nn.Parameter], max_norm: float) -> None:
-    """clip_grad_norm_ for each client's slice separately (what train_local does per client)."""
-    squares = sum(p.grad.reshape(p.shape[0], -1).pow(2).sum(dim=1) for p in params if p.grad is not None)
-    factors = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
-    for p in params:
-        if p.grad is not None:
-            p.grad.mul_(factors.view(-1, *([1] * (p.dim() - 1))))
+class _PlainClients:
+    """Plain training: the loss is Σ_k mean_{i ∈ batch_k} L_i, so client k's gradient is exactly that of its own
+    mean batch loss (what ``train_local`` computes for it alone), then optional per-client norm clipping."""
+
+    per_sample = False
+
+    def __init__(self, jobs: list[ClientJob], settings: TrainSettings) -> None:
+        self.loaders = [job.data.loader for job in jobs]  # type: ignore[union-attr]
+        self.sizes = [len(loader.dataset) for loader in self.loaders]
+        if min(self.sizes) == 0:
+            raise ValueError("a client has no training examples")
+        self.steps = [planned_steps(settings, n) for n in self.sizes]
+        self.max_grad_norm = settings.max_grad_norm
+
+    def batches(self, k: int, seed: int) -> Iterator[dict | None]:
+        return iter(cycle_batches(self.loaders[k], self.steps[k]))  # shuffled by the loader's own generator
+
+    def loss_weights(self, counts: list[int]) -> torch.Tensor:
+        return 1.0 / torch.tensor(counts).repeat_interleave(torch.tensor(counts)).float()
+
+    def loss_divisor(self, count: int) -> int:
+        return count
+
+    def gradients_(self, params: list[nn.Parameter], client_index: torch.Tensor, active: list[int]) -> None:
+        """clip_grad_norm_ for each client's slice separately (what train_local does per client)."""
+        if self.max_grad_norm <= 0:
+            return
+        squares = sum(p.grad.reshape(p.shape[0], -1).pow(2).sum(dim=1) for p in params if p.grad is not None)
+        factors = (self.max_grad_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(factors.view(-1, *([1] * (p.dim() - 1))))
+
+    def finish(self) -> None:
+        pass
+
+    def result(self, k: int, loss: float, examples: int, moved: bool) -> TrainResult:
+        return TrainResult(
+            loss=loss / self.steps[k], num_examples=examples, num_steps=self.steps[k], dataset_size=self.sizes[k]
+        )
 
 
 class _PrivateClients:
-    """The DP side of a wave: per-client Poisson batches, clipping norms, noise generators and accountants."""
+    """DP-SGD: the backward writes per-example gradients of each client's own adapter; each client clips them to
+    its C, sums them, adds its own noise from its own generator and divides by its expected batch size (Opacus'
+    DPOptimizer arithmetic, in the same parameter order). Each draws its own Poisson batches."""
+
+    per_sample = True
 
     def __init__(self, jobs: list[ClientJob], device: torch.device) -> None:
-        self.jobs = [job.private for job in jobs]
-        self.device = device
+        self.jobs: list[PrivateData] = [job.data for job in jobs]  # type: ignore[misc]
+        for private in self.jobs:
+            ensure_within_budget(private.accountant, private.plan)
+            if len(private.dataset) == 0:
+                raise ValueError("cannot train on an empty dataset")
         # the same generators train_private seeds: sampling from ``seed``, noise from ``seed + 1``
         self.noise_generators = [torch.Generator(device=device).manual_seed(job.seed + 1) for job in jobs]
         self.clip = torch.tensor([p.max_grad_norm for p in self.jobs], device=device)
+        self.sizes = [len(p.dataset) for p in self.jobs]
+        self.steps = [p.plan.steps_per_round for p in self.jobs]
         self.empty = [0] * len(jobs)
-
-    def steps(self) -> list[int]:
-        return [p.plan.steps_per_round for p in self.jobs]
 
     def batches(self, k: int, seed: int) -> Iterator[dict | None]:
         private = self.jobs[k]
@@ -267,51 +313,56 @@ class _PrivateClients:
             else:
                 yield private.collate([private.dataset[i] for i in indices])
 
-    def privatize_(self, params: list[nn.Parameter], client_index: torch.Tensor, active: list[int]) -> None:
+    def loss_weights(self, counts: list[int]) -> torch.Tensor:
+        return torch.ones(sum(counts))  # Σ_n L_n: per-example gradients, clipped before any sum
+
+    def loss_divisor(self, count: int) -> int:
+        return 1
+
+    def gradients_(self, params: list[nn.Parameter], client_index: torch.Tensor, active: list[int]) -> None:
         """p.grad[k] = (Σ_{n ∈ batch_k} clip_{C_k}(∇_n) + N(0, σ_k²C_k²)) / E[b_k] for the active clients."""
         count = client_index.shape[0]
         samples = [
             p.grad_sample if getattr(p, "grad_sample", None) is not None else p.new_zeros((count, *p.shape[1:]))
             for p in params
         ]
-        norms = torch.stack([s.reshape(count, -1).norm(2, dim=1) for s in samples], dim=1).norm(2, dim=1)
-        factors = (self.clip[client_index] / (norms + 1e-6)).clamp(max=1.0)
-        grads = []
-        for p, sample in zip(params, samples, strict=True):
-            clipped = sample * factors.view(-1, *([1] * (sample.dim() - 1))).to(sample.dtype)
-            grads.append(torch.zeros_like(p).index_add_(0, client_index, clipped))
+        grads, _norms = clipped_sums(samples, client_index, self.clip, len(self.jobs))
+        for p in params:
             p.grad_sample = None
         for k in active:  # noise in the optimizer's parameter order, from the client's own generator
             plan, clip = self.jobs[k].plan, self.jobs[k].max_grad_norm
-            std = plan.noise_multiplier * clip
-            for p, grad in zip(params, grads, strict=True):
-                if std > 0:
-                    grad[k] += torch.normal(
-                        0.0, std, size=p.shape[1:], device=p.device, generator=self.noise_generators[k]
-                    )
-                grad[k] /= plan.expected_batch_size
+            for grad in grads:
+                noisy_mean_(grad[k], plan.noise_multiplier * clip, plan.expected_batch_size, self.noise_generators[k])
         for p, grad in zip(params, grads, strict=True):
             p.grad = grad
 
-    def account(self) -> None:
+    def finish(self) -> None:
         for private in self.jobs:
             private.accountant.step(
                 private.plan.noise_multiplier, private.plan.sample_rate, private.plan.steps_per_round
             )
 
+    def result(self, k: int, loss: float, examples: int, moved: bool) -> DPTrainResult:
+        if not moved:  # the silent no-update hazard of DP training (opacus #820): a noisy step always moves them
+            raise RuntimeError("DP-SGD finished but a client's trainable weights are bit-identical to its start")
+        plan, accountant = self.jobs[k].plan, self.jobs[k].accountant
+        return DPTrainResult(
+            loss=loss / max(examples, 1),
+            num_examples=examples,
+            num_steps=self.steps[k],
+            dataset_size=self.sizes[k],
+            empty_batches=self.empty[k],
+            epsilon=accountant.epsilon(plan.delta),
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
+        )
 
-def _check_private(jobs: list[ClientJob]) -> bool:
-    private = [job.private is not None for job in jobs]
-    if any(private) and not all(private):
+
+def _client_group(jobs: list[ClientJob], settings: TrainSettings, device: torch.device):
+    kinds = {type(job.data) for job in jobs}
+    if len(kinds) != 1:
         raise ValueError("a wave must be all DP-SGD jobs or none")
-    if not any(private) and any(job.loader is None for job in jobs):
-        raise ValueError("a plain ClientJob needs a loader")
-    for job in jobs:
-        if job.private is not None:
-            ensure_within_budget(job.private.accountant, job.private.plan)
-            if len(job.private.dataset) == 0:
-                raise ValueError("cannot train on an empty dataset")
-    return all(private)
+    return _PrivateClients(jobs, device) if kinds == {PrivateData} else _PlainClients(jobs, settings)
 
 
 def _chunks(lengths: torch.Tensor, max_tokens: int) -> list[torch.Tensor]:
@@ -386,101 +437,60 @@ def train_batched(
     """
     if not jobs:
         return []
-    is_private = _check_private(jobs)
     device = next(model.parameters()).device
+    clients = _client_group(jobs, settings, device)
     stacks = _build_stacks(model, jobs, device)
     params = [t for stack in stacks.values() for t in stack.tensors.values() if isinstance(t, nn.Parameter)]
     if not params:
         raise ValueError("no trainable parameters: nothing to optimize")
     optimizer = make_optimizer(params, settings, optimizer_kind)
-    private = _PrivateClients(jobs, device) if is_private else None
-    if private is not None:
-        sizes = [len(job.private.dataset) for job in jobs]
-        steps = private.steps()
-        iterators: list[Iterator[dict | None]] = [private.batches(k, job.seed) for k, job in enumerate(jobs)]
-    else:
-        sizes = [len(job.loader.dataset) for job in jobs]
-        if min(sizes) == 0:
-            raise ValueError("a client has no training examples")
-        steps = [planned_steps(settings, n) for n in sizes]
-        # each loader's shuffling is seeded by its own generator
-        iterators = [iter(cycle_batches(job.loader, count)) for job, count in zip(jobs, steps, strict=True)]
+    iterators = [clients.batches(k, job.seed) for k, job in enumerate(jobs)]
     torch.manual_seed(jobs[0].seed)  # dropout masks (they depend on the wave's composition anyway)
-    losses = [0.0] * len(jobs)
-    examples = [0] * len(jobs)
+    losses, examples = [0.0] * len(jobs), [0] * len(jobs)
     context = _BatchContext()
-    context.per_sample = is_private
+    context.per_sample = clients.per_sample
     model.train()
     with _patched(model, stacks, context):
-        for step in range(max(steps)):
-            active = [k for k, count in enumerate(steps) if step < count]
-            drawn = [(k, next(iterators[k])) for k in active]
-            present = [(k, b) for k, b in drawn if b is not None]  # DP: empty Poisson batches drop out here
-            context.client_index = torch.zeros(0, dtype=torch.long, device=device)
-            if present:
-                clients = [k for k, _ in present]
-                counts = [b["labels"].shape[0] for _, b in present]
-                batch = _pad_and_concat([b for _, b in present])
-                owner = torch.repeat_interleave(torch.tensor(clients), torch.tensor(counts))
-                # plain: Σ_k mean over batch_k; DP: Σ_n L_n (per-example gradients, clipped before any sum)
-                scale = (
-                    torch.ones(len(owner))
-                    if is_private
-                    else 1.0 / torch.tensor(counts).repeat_interleave(torch.tensor(counts)).float()
-                )
-                per_example, context.client_index = _forward_backward(
-                    model, batch, owner, scale, params if is_private else [], context, device, max_tokens
-                )
-                sums = torch.zeros(len(jobs), device=device).index_add(0, context.client_index, per_example)
-                for k, c in zip(clients, counts, strict=True):
-                    losses[k] += float(sums[k]) / (1 if is_private else c)
-                    examples[k] += c
-            if private is not None:
-                private.privatize_(params, context.client_index, active)
-            elif settings.max_grad_norm > 0:
-                _clip_per_client_(params, settings.max_grad_norm)
-            finished = [k for k, count in enumerate(steps) if step >= count]
-            frozen = [p.detach()[finished].clone() for p in params] if finished else []
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if finished:  # a client past its last step must not move (momentum would still push it)
-                with torch.no_grad():
-                    for p, saved in zip(params, frozen, strict=True):
-                        p[finished] = saved
-    if private is not None:
-        private.account()
+        for step in range(max(clients.steps)):
+            _step(model, clients, iterators, step, params, optimizer, context, device, max_tokens, losses, examples)
+    clients.finish()
+    trained = [key for stack in stacks.values() for key, t in stack.tensors.items() if isinstance(t, nn.Parameter)]
     results = []
     for k, job in enumerate(jobs):
         state = dict(job.start_state)
         for stack in stacks.values():
             for key, tensor in stack.tensors.items():
                 state[key] = tensor.detach()[k].to("cpu", torch.float32).clone()
-        if private is not None:
-            plan = job.private.plan
-            _check_moved(
-                state,
-                job.start_state,
-                [k for s in stacks.values() for k, t in s.tensors.items() if isinstance(t, nn.Parameter)],
-            )
-            result = DPTrainResult(
-                loss=losses[k] / max(examples[k], 1),
-                num_examples=examples[k],
-                num_steps=steps[k],
-                dataset_size=sizes[k],
-                empty_batches=private.empty[k],
-                epsilon=job.private.accountant.epsilon(plan.delta),
-                noise_multiplier=plan.noise_multiplier,
-                sample_rate=plan.sample_rate,
-            )
-        else:
-            result = TrainResult(
-                loss=losses[k] / steps[k], num_examples=examples[k], num_steps=steps[k], dataset_size=sizes[k]
-            )
-        results.append((state, result))
+        moved = not all(torch.equal(state[key], job.start_state[key].to(state[key].dtype)) for key in trained)
+        results.append((state, clients.result(k, losses[k], examples[k], moved)))
     return results
 
 
-def _check_moved(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor], trained: list[str]) -> None:
-    # The silent no-update hazard of DP training (opacus #820): a noisy step always moves the weights.
-    if all(torch.equal(state[key], start[key].to(state[key].dtype)) for key in trained):
-        raise RuntimeError("DP-SGD finished but a client's trainable weights are bit-identical to its start")
+def _step(model, clients, iterators, step, params, optimizer, context, device, max_tokens, losses, examples) -> None:
+    """One optimizer step of every client still training (a client past its last step is frozen)."""
+    active = [k for k, count in enumerate(clients.steps) if step < count]
+    drawn = [(k, next(iterators[k])) for k in active]
+    present = [(k, b) for k, b in drawn if b is not None]  # DP: empty Poisson batches drop out here
+    context.client_index = torch.zeros(0, dtype=torch.long, device=device)
+    if present:
+        owners = [k for k, _ in present]
+        counts = [b["labels"].shape[0] for _, b in present]
+        batch = _pad_and_concat([b for _, b in present])
+        owner = torch.repeat_interleave(torch.tensor(owners), torch.tensor(counts))
+        per_sample_params = params if clients.per_sample else []
+        per_example, context.client_index = _forward_backward(
+            model, batch, owner, clients.loss_weights(counts), per_sample_params, context, device, max_tokens
+        )
+        sums = torch.zeros(len(losses), device=device).index_add(0, context.client_index, per_example)
+        for k, c in zip(owners, counts, strict=True):
+            losses[k] += float(sums[k]) / clients.loss_divisor(c)
+            examples[k] += c
+    clients.gradients_(params, context.client_index, active)
+    finished = [k for k, count in enumerate(clients.steps) if step >= count]
+    frozen = [p.detach()[finished].clone() for p in params] if finished else []
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if finished:  # a client past its last step must not move (momentum would still push it)
+        with torch.no_grad():
+            for p, saved in zip(params, frozen, strict=True):
+                p[finished] = saved

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedlowrank.privacy.clipping import clipped_sums, noisy_mean_
+
 
 class _PerSampleLinear(torch.autograd.Function):
     @staticmethod
@@ -96,12 +98,6 @@ class FusedPerSampleGrads:
                     delattr(p, attr)
 
 
-def per_sample_norms(params: list[torch.Tensor]) -> torch.Tensor:
-    """‖∇L_i‖ over all parameters jointly (flat clipping), from ``p.grad_sample``."""
-    squares = [p.grad_sample.reshape(p.grad_sample.shape[0], -1).pow(2).sum(dim=1) for p in params]
-    return torch.stack(squares, dim=1).sum(dim=1).sqrt()
-
-
 def clip_and_noise_(
     params: list[torch.Tensor],
     max_grad_norm: float,
@@ -111,16 +107,17 @@ def clip_and_noise_(
 ) -> torch.Tensor:
     """Standalone DP-SGD gradient: p.grad = (Σ_i c_i ∇_i + N(0, σ²C²)) / E[b]; returns the per-sample norms.
 
-    c_i = min(1, C / (‖∇_i‖ + 1e-6)) as in Opacus' flat clipping. Works on an empty batch (noise only).
+    One client's case of ``fedlowrank.privacy.clipping`` (the batched engine's clip-and-noise). Works on an empty
+    batch (noise only).
     """
-    norms = per_sample_norms(params) if params[0].grad_sample.shape[0] else params[0].new_zeros(0)
-    factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-    std = noise_multiplier * max_grad_norm
-    for p in params:
-        summed = torch.einsum("n,n...->...", factors.to(p.grad_sample.dtype), p.grad_sample)
-        if std > 0:
-            summed = summed + torch.normal(0.0, std, size=summed.shape, generator=generator, device=summed.device)
-        p.grad = (summed / expected_batch_size).view_as(p).to(p.dtype)
+    count = params[0].grad_sample.shape[0]
+    owner = torch.zeros(count, dtype=torch.long, device=params[0].device)
+    clip = torch.tensor([max_grad_norm], device=params[0].device)
+    sums, norms = clipped_sums([p.grad_sample for p in params], owner, clip, 1)
+    for p, total in zip(params, sums, strict=True):
+        summed = total[0]
+        noisy_mean_(summed, noise_multiplier * max_grad_norm, expected_batch_size, generator)
+        p.grad = summed.view_as(p).to(p.dtype)
         p.grad_sample = None
     return norms
 
@@ -135,5 +132,4 @@ __all__ = [
     "FusedPerSampleGrads",
     "clip_and_noise_",
     "empty_grad_samples",
-    "per_sample_norms",
 ]

@@ -8,17 +8,17 @@ orientation bug of the official code. Downlink: Ā, B̄ and the dense residual.
 
 from __future__ import annotations
 
-from fedlowrank.metrics import ideal_product, product
-from strategies.common import MethodSpec, RoundInput, ServerUpdate
-from strategies.fedit import average_factors
-
-SPEC = MethodSpec(name="fedex")
+from fedlowrank.lowrank import ideal_product, product
+from strategies.method import NO_OPTIONS, MethodSpec, NoOptions, RoundInput, ServerUpdate, register_method
+from strategies.methods.fedit import average_factors
 
 
-def server_update(inputs: RoundInput) -> ServerUpdate:
+@register_method("fedex", spec=MethodSpec(), aliases=("fedex-lora",), user_dp=None)
+def server_update(inputs: RoundInput, options: NoOptions = NO_OPTIONS) -> ServerUpdate:
     factors = average_factors(inputs.clients, inputs.weights)
     fold = {
-        layer: ideal_product([client[layer] for client in inputs.clients], inputs.weights) - product(pair)
+        layer: inputs.scale
+        * (ideal_product([client[layer] for client in inputs.clients], inputs.weights) - product(pair))
         for layer, pair in factors.items()
     }
     return ServerUpdate(factors=factors, fold=fold)

@@ -14,14 +14,26 @@ factors, so the dense d_out x d_in product is never formed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fedlowrank.adapters import LayerFactors
 from fedlowrank.lowrank import stacked_factors
-from strategies.common import MethodSpec, RoundInput, ServerUpdate
-from strategies.fedit import average_factors
+from strategies.method import MethodOptions, MethodSpec, RoundInput, ServerUpdate, UserDPMode, option, register_method
+from strategies.methods.fedit import average_factors
 
-SPEC = MethodSpec(name="lora-fair")
+
+@dataclass(frozen=True)
+class LoRAFAIROptions(MethodOptions):
+    solver: str = option(
+        "closed-form",
+        "'closed-form' (ridge: argmin ‖M* − B'Ā‖² + λ‖B' − B̄‖²) or 'iterative' (the paper's cosine objective)",
+        choices=("closed-form", "iterative"),
+    )
+    lam: float = option(0.01, "λ, the weight of the correction's norm", key="lambda", minimum=0)
+    iterations: int = option(300, "iterative solver: at most this many Adam steps", minimum=1)
+    lr: float = option(0.01, "iterative solver: Adam's learning rate", minimum=0)
 
 
 def _low_rank_terms(
@@ -32,11 +44,8 @@ def _low_rank_terms(
     if target is not None:
         target = target.to(torch.float64)
         return target @ a_bar.T, a_bar @ a_bar.T, torch.linalg.matrix_norm(target)
-    target_at = sum(
-        float(w) * c.B.to(torch.float64) @ (c.A.to(torch.float64) @ a_bar.T)
-        for w, c in zip(weights, clients, strict=True)
-    )
-    b_stack, a_stack = stacked_factors([(c.B, c.A) for c in clients], weights)
+    b_stack, a_stack = stacked_factors([(c.B, c.A) for c in clients], weights)  # M* = b_stack @ a_stack
+    target_at = b_stack @ (a_stack @ a_bar.T)
     target_norm = torch.sqrt(((b_stack.T @ b_stack) * (a_stack @ a_stack.T)).sum().clamp(min=0))
     return target_at, a_bar @ a_bar.T, target_norm
 
@@ -102,19 +111,24 @@ def iterative_correction(
     return (b_bar64 + delta).detach()
 
 
-def server_update(
-    inputs: RoundInput, solver: str = "closed-form", lam: float = 0.01, iterations: int = 300, lr: float = 0.01
-) -> ServerUpdate:
+@register_method(
+    "lora-fair",
+    spec=MethodSpec(),
+    options=LoRAFAIROptions,
+    aliases=("fair", "lorafair"),
+    user_dp=UserDPMode(with_products=True),  # the correction needs M*, not only the mean factors
+)
+def server_update(inputs: RoundInput, options: LoRAFAIROptions = LoRAFAIROptions()) -> ServerUpdate:
     averaged = average_factors(inputs.clients, inputs.weights)
     factors = {}
     for layer, pair in averaged.items():
         clients = [client[layer] for client in inputs.clients]
         target = inputs.target_products.get(layer) if inputs.target_products else None
-        if solver == "closed-form":
-            b_new = ridge_correction(clients, inputs.weights, pair.A, pair.B, lam, target)
-        elif solver == "iterative":
-            b_new = iterative_correction(clients, inputs.weights, pair.A, pair.B, lam, iterations, lr, target)
+        if options.solver == "closed-form":
+            b_new = ridge_correction(clients, inputs.weights, pair.A, pair.B, options.lam, target)
         else:
-            raise ValueError(f"unknown LoRA-FAIR solver {solver!r}")
+            b_new = iterative_correction(
+                clients, inputs.weights, pair.A, pair.B, options.lam, options.iterations, options.lr, target
+            )
         factors[layer] = LayerFactors(A=pair.A, B=b_new.to(pair.B.dtype))
     return ServerUpdate(factors=factors)

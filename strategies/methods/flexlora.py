@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from fedlowrank.adapters import LayerFactors
 from fedlowrank.lowrank import pad_rank, truncated_svd_of_sum
-from strategies.common import MethodSpec, RoundInput, ServerUpdate
-
-SPEC = MethodSpec(name="flexlora")
+from strategies.method import NO_OPTIONS, MethodSpec, NoOptions, RoundInput, ServerUpdate, register_method
 
 
-def server_update(inputs: RoundInput) -> ServerUpdate:
+@register_method("flexlora", spec=MethodSpec(heterogeneous_ranks=True), user_dp=None)
+def server_update(inputs: RoundInput, options: NoOptions = NO_OPTIONS) -> ServerUpdate:
     factors = {}
     for layer, previous in inputs.previous.items():
         rank = previous.A.shape[0]

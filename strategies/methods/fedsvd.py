@@ -8,15 +8,23 @@ unchanged, so there is no aggregation bias. The server broadcasts A and B.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fedlowrank.adapters import LayerFactors
-from fedlowrank.lowrank import refactorize_product
-from strategies.common import MethodSpec, RoundInput, ServerUpdate, weighted_average
-
-SPEC = MethodSpec(name="fedsvd", train_a=False, upload_a=False)
+from fedlowrank.lowrank import refactorize_product, weighted_average
+from strategies.method import MethodOptions, MethodSpec, RoundInput, ServerUpdate, option, register_method
 
 
-def server_update(inputs: RoundInput, period: int = 1) -> ServerUpdate:
-    refactorize = period > 0 and inputs.server_round % period == 0
+@dataclass(frozen=True)
+class FedSVDOptions(MethodOptions):
+    period: int = option(
+        1, "re-factorize B̄·A every this many rounds (0: never, i.e. FFA-LoRA with a sent A)", minimum=0
+    )
+
+
+@register_method("fedsvd", spec=MethodSpec(train=("B",), upload=("B",)), options=FedSVDOptions)
+def server_update(inputs: RoundInput, options: FedSVDOptions = FedSVDOptions()) -> ServerUpdate:
+    refactorize = options.period > 0 and inputs.server_round % options.period == 0
     factors = {}
     for layer, previous in inputs.previous.items():
         b_bar = weighted_average([client[layer].B for client in inputs.clients], inputs.weights)

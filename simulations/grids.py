@@ -1,9 +1,9 @@
-"""In-process simulation: Flower ``Grid``s that answer messages by calling the ClientApp directly
+"""In-process simulation: Flower ``Grid`` s that answer messages by calling the ClientApp directly
 (``InProcessGrid``, one client after another) or by training a round's clients together (``BatchedGrid``).
 
-No Ray, no processes: every virtual SuperNode has its own ``Context`` (node config and persistent
-state, as in Flower), and all share one loaded base model. The strategy and the ClientApp are the
-same objects that run under ``flwr run`` and on real SuperNodes.
+No Ray, no processes: every virtual SuperNode has its own ``Context`` (node config and persistent state, as
+in Flower), and all share one loaded base model. The strategy and the ClientApp are the same objects that run
+under ``flwr run`` and on real SuperNodes.
 """
 
 from __future__ import annotations
@@ -21,10 +21,21 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.client_app import make_client_app, train_batch
+from clients.client_app import train_batch
 from fedlowrank.config import RunConfig
-from fedlowrank.progress import Reporter
-from strategies.server_app import run_server
+
+
+def adopt_server_identity(run_id: int = 1) -> None:
+    """Messages built by the server read the process's task identity, which Flower's runtimes set before a
+    ServerApp runs; the in-process grids run no runtime, so they set it (the one Flower internal this project
+    touches; tests/test_layering.py fails loudly if Flower renames it)."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
+
+
+def error_reply(message: Message, exc: Exception) -> Message:
+    """What Flower makes of a ClientApp that raised: an error reply with the reason."""
+    reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
 
 class InProcessGrid(Grid):
@@ -76,23 +87,22 @@ class InProcessGrid(Grid):
         for message in messages:
             if message.metadata.dst_node_id not in self.contexts:
                 raise ValueError(f"unknown destination node {message.metadata.dst_node_id}")
-            message_id = str(uuid4())
-            message.metadata.__dict__["_message_id"] = message_id
-            self._pending[message_id] = message
-            ids.append(message_id)
+            ids.append(str(uuid4()))  # this grid's own handle for the message
+            self._pending[ids[-1]] = message
         return ids
 
     def _handle(self, message: Message) -> Message:
-        context = self.contexts[message.metadata.dst_node_id]
         try:
-            reply = self.client_app(message, context)
+            reply = self.client_app(message, self.contexts[message.metadata.dst_node_id])
         except Exception as exc:  # as Flower does: a failing client becomes an error reply
-            reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
-        reply.metadata.__dict__["_message_id"] = str(uuid4())
-        if self.on_reply is not None:
-            self.on_reply(reply)
+            reply = error_reply(message, exc)
+        self._notify([reply])
         return reply
+
+    def _notify(self, replies: list[Message]) -> None:
+        if self.on_reply is not None:
+            for reply in replies:
+                self.on_reply(reply)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._handle(self._pending.pop(mid)) for mid in list(message_ids) if mid in self._pending]
@@ -104,16 +114,15 @@ class InProcessGrid(Grid):
 class BatchedGrid(InProcessGrid):
     """Answers a round's train messages by training the sampled clients together on the shared base.
 
-    Strategies see the same messages and replies as with ``InProcessGrid``, built by the same ClientApp
-    code (``clients.client_app.train_batch``); only local training runs as one batched job per wave of at
-    most ``wave_size`` clients (DP-SGD included: each client clips, noises and accounts for itself).
-    Between waves and rounds every client's state (FedSA's own B, DP accountants) stays in its ``Context``
-    or disk store, on the CPU; only the wave being trained is stacked on the device. Evaluation messages,
-    and rounds the engine does not cover (federated GaLore, GaLore optimizers), go through the ClientApp
-    one by one.
+    Strategies see the same messages and replies as with ``InProcessGrid``, built by the same ClientApp code
+    (``clients.client_app.train_batch``); only local training runs as one batched job per wave of at most
+    ``wave_size`` clients (DP-SGD included: each client clips, noises and accounts for itself). Between waves
+    and rounds every client's state (FedSA's own B, DP accountants) stays in its ``Context`` or disk store, on
+    the CPU; only the wave being trained is stacked on the device. Evaluation messages, and rounds the engine
+    does not cover (GaLore optimizers, federated GaLore), go through the ClientApp one by one.
     """
 
-    def __init__(self, *args, bound_config: RunConfig, wave_size: int = 0, **kwargs) -> None:
+    def __init__(self, *args: Any, bound_config: RunConfig, wave_size: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.bound_config = bound_config
         self.wave_size = wave_size
@@ -129,31 +138,7 @@ class BatchedGrid(InProcessGrid):
             try:
                 wave_replies = train_batch(wave, contexts, self.bound_config)
             except Exception as exc:  # the whole wave failed: every client in it gets the error, as in Flower
-                reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-                wave_replies = [
-                    Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=m) for m in wave
-                ]
-            for reply in wave_replies:
-                reply.metadata.__dict__["_message_id"] = str(uuid4())
-                if self.on_reply is not None:
-                    self.on_reply(reply)
+                wave_replies = [error_reply(m, exc) for m in wave]
+            self._notify(wave_replies)
             replies.extend(wave_replies)
         return replies
-
-
-def run_inprocess(config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
-    """Run a federated simulation of ``config`` in this process; returns the run summary."""
-    reporter = reporter or Reporter()
-    # Messages built by the server read the process's task identity, which Flower's runtimes set.
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    arguments = dict(
-        num_nodes=config.num_clients,
-        run_config=config.to_flat(),
-        on_reply=lambda reply: reporter.client_finished() if reply.metadata.message_type == "train" else None,
-        seed=config.seed,
-    )
-    if config.engine == "batched":
-        grid = BatchedGrid(make_client_app(config), bound_config=config, wave_size=config.engine_wave_size, **arguments)
-    else:
-        grid = InProcessGrid(make_client_app(config), **arguments)
-    return run_server(grid, config, reporter)

@@ -13,9 +13,8 @@ from collections.abc import Sequence
 import torch
 
 from fedlowrank.adapters import LayerFactors
-from strategies.common import MethodSpec, RoundInput, ServerUpdate, weighted_average
-
-SPEC = MethodSpec(name="fedit")
+from fedlowrank.lowrank import weighted_average
+from strategies.method import NO_OPTIONS, MethodSpec, NoOptions, RoundInput, ServerUpdate, register_method
 
 
 def average_factors(
@@ -31,5 +30,6 @@ def average_factors(
     }
 
 
-def server_update(inputs: RoundInput) -> ServerUpdate:
+@register_method("fedit", spec=MethodSpec(), aliases=("fedavg", "fedavg-lora"), default=True)
+def server_update(inputs: RoundInput, options: NoOptions = NO_OPTIONS) -> ServerUpdate:
     return ServerUpdate(factors=average_factors(inputs.clients, inputs.weights))

@@ -10,13 +10,28 @@ rsLoRA: the same protocol with ``lora.use-rslora = true`` (s = α/√r).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 from fedlowrank.adapters import LayerFactors
-from strategies.common import MethodSpec, RoundInput, ServerUpdate, weighted_average
+from fedlowrank.lowrank import weighted_average
+from strategies.method import MethodOptions, MethodSpec, RoundInput, ServerUpdate, option, register_method
 
-SPEC = MethodSpec(name="fedsa", upload_b=False, download_b=False, local_b=True)
+
+@dataclass(frozen=True)
+class FedSAOptions(MethodOptions):
+    local_head: bool = option(True, "keep the classifier head local too, not only B (the paper's GLUE setting)")
+
+    def adjust_spec(self, spec: MethodSpec) -> MethodSpec:
+        return replace(spec, local_head=self.local_head)
 
 
-def server_update(inputs: RoundInput) -> ServerUpdate:
+@register_method(
+    "fedsa",
+    spec=MethodSpec(upload=("A",), download=("A",), local_b=True),
+    options=FedSAOptions,
+    aliases=("fedsa-lora",),
+)
+def server_update(inputs: RoundInput, options: FedSAOptions = FedSAOptions()) -> ServerUpdate:
     """Ā = Σ_k p_k A_k; B is not the server's (kept at its previous value, never broadcast)."""
     return ServerUpdate(
         factors={

@@ -8,12 +8,14 @@ B̄·A = Σ_k p_k B_k A exactly: no aggregation bias.
 from __future__ import annotations
 
 from fedlowrank.adapters import LayerFactors
-from strategies.common import MethodSpec, RoundInput, ServerUpdate, weighted_average
+from fedlowrank.lowrank import weighted_average
+from strategies.method import NO_OPTIONS, MethodSpec, NoOptions, RoundInput, ServerUpdate, register_method
 
-SPEC = MethodSpec(name="ffa", train_a=False, upload_a=False, download_a=False, check_shared_a=True)
+SPEC = MethodSpec(train=("B",), upload=("B",), download=("B",), check_shared_a=True)
 
 
-def server_update(inputs: RoundInput) -> ServerUpdate:
+@register_method("ffa", spec=SPEC, aliases=("ffa-lora",))
+def server_update(inputs: RoundInput, options: NoOptions = NO_OPTIONS) -> ServerUpdate:
     """B̄ = Σ_k p_k B_k with the shared A unchanged."""
     return ServerUpdate(
         factors={

@@ -13,12 +13,7 @@ import torch
 
 from fedlowrank.adapters import LayerFactors
 from fedlowrank.lowrank import stacked_factors
-from strategies.common import MethodSpec, RoundInput, ServerUpdate
-
-
-def stack(clients: list[LayerFactors], weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B_stack, A_stack) = ([B_1 … B_K], [p_1 A_1; …; p_K A_K]), float64."""
-    return stacked_factors([(c.B, c.A) for c in clients], weights)
+from strategies.method import NO_OPTIONS, MethodSpec, NoOptions, RoundInput, ServerUpdate, register_method
 
 
 def fresh_a(shape: tuple[int, int], generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -26,15 +21,13 @@ def fresh_a(shape: tuple[int, int], generator: torch.Generator, dtype: torch.dty
     return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1).mul(bound).to(dtype)
 
 
-SPEC = MethodSpec(name="flora")
-
-
-def server_update(inputs: RoundInput, seed: int = 0) -> ServerUpdate:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + inputs.server_round)
+@register_method("flora", spec=MethodSpec(heterogeneous_ranks=True), user_dp=None)
+def server_update(inputs: RoundInput, options: NoOptions = NO_OPTIONS) -> ServerUpdate:
+    generator = torch.Generator().manual_seed(inputs.seed * 1_000_003 + inputs.server_round)
     factors, fold = {}, {}
     for layer, previous in inputs.previous.items():
-        b_stack, a_stack = stack([client[layer] for client in inputs.clients], inputs.weights)
-        fold[layer] = b_stack @ a_stack
+        b_stack, a_stack = stacked_factors([(c[layer].B, c[layer].A) for c in inputs.clients], inputs.weights)
+        fold[layer] = inputs.scale * (b_stack @ a_stack)
         factors[layer] = LayerFactors(
             A=fresh_a(tuple(previous.A.shape), generator, previous.A.dtype), B=torch.zeros_like(previous.B)
         )

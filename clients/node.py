@@ -1,0 +1,103 @@
+"""One message's view of this node: its run config, the shared workspace, its partition, its state store.
+
+A node sets the shared model to what this client starts from (the broadcast, plus what it keeps for itself
+when its method keeps a local B), and turns a trained adapter into what it keeps and what it uploads, as the
+instruction's method spec says. It knows no method by name.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Context
+
+from clients.state import state_store
+from fedlowrank.adapters import (
+    adapter_state,
+    client_rank,
+    load_adapter_state,
+    lora_factors,
+    select_roles,
+    slice_rank,
+)
+from fedlowrank.config import ConfigError, RunConfig
+from fedlowrank.metrics import personalization_gap
+from fedlowrank.protocol import MethodSpec
+from fedlowrank.runtime import Workspace, get_workspace
+
+LOCAL_ADAPTER = "local-adapter"  # what the client keeps of its adapter (its own B, and head)
+LAST_TRAINED_A = "last-trained-a"  # the A it trained last, for the personalisation gap
+
+
+def resolve_config(context: Context, bound: RunConfig | None) -> RunConfig:
+    return bound if bound is not None else RunConfig.from_flat(dict(context.run_config))
+
+
+def partition_id(context: Context, config: RunConfig) -> int:
+    node_config = context.node_config
+    if "partition-id" not in node_config:
+        raise ConfigError("this SuperNode has no 'partition-id' in its --node-config")
+    pid = int(node_config["partition-id"])
+    partitions = int(node_config.get("num-partitions", config.num_clients))
+    if partitions != config.num_clients:
+        raise ConfigError(
+            f"SuperNode says num-partitions={partitions} but the run has num-clients={config.num_clients}; "
+            "they must agree so that every node reads its own share of the data"
+        )
+    return pid
+
+
+def client_seed(config: RunConfig, server_round: int, pid: int) -> int:
+    return config.seed * 1_000_003 + server_round * 10_007 + pid
+
+
+class ClientNode:
+    def __init__(self, context: Context, bound: RunConfig | None) -> None:
+        self.config = resolve_config(context, bound)
+        self.workspace: Workspace = get_workspace(self.config)
+        self.partition_id = partition_id(context, self.config)
+        self.store = state_store(self.config, context)
+        self.key = str(self.partition_id)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.workspace.model
+
+    @property
+    def rank(self) -> int:
+        return client_rank(self.config.lora.client_ranks, self.partition_id, self.config.lora.r)
+
+    def seed(self, server_round: int) -> int:
+        return client_seed(self.config, server_round, self.partition_id)
+
+    def load(self, state: dict[str, torch.Tensor], spec: MethodSpec) -> None:
+        """The shared model := the broadcast ``state``, then what this client keeps for itself (a client seen
+        for the first time keeps nothing yet: B = 0 and the initial head, from the initial adapter)."""
+        self.workspace.load_global(state)
+        if spec.kept_roles():
+            own = self.store.load(self.key, LOCAL_ADAPTER)
+            if own is not None:
+                load_adapter_state(self.model, own, strict=False)
+
+    def keep(self, state: dict[str, torch.Tensor], spec: MethodSpec) -> None:
+        """Store what this client keeps between rounds (and the A it trained, for the personalisation gap)."""
+        if spec.kept_roles():
+            self.store.save(self.key, LOCAL_ADAPTER, select_roles(state, *spec.kept_roles()))
+            self.store.save(self.key, LAST_TRAINED_A, select_roles(state, "A"))
+
+    def upload(self, state: dict[str, torch.Tensor], spec: MethodSpec) -> dict[str, torch.Tensor]:
+        """What goes up: the spec's sides, the leading r_k components for a rank-r_k client."""
+        return slice_rank(select_roles(state, *spec.uploaded_roles(self.config.lora.train_head)), self.rank)
+
+    def personalization_gap(self) -> float:
+        """Mean over layers of ‖B_k Ā − B_k A_k‖ / ‖B_k A_k‖ (0 before this client has trained; NaN for VeRA)."""
+        own = self.store.load(self.key, LOCAL_ADAPTER)
+        trained_a = self.store.load(self.key, LAST_TRAINED_A)
+        if own is None or trained_a is None:
+            return 0.0
+        current = lora_factors(adapter_state(self.model))
+        if not current:  # VeRA: no factor matrices
+            return float("nan")
+        b_parts = lora_factors(own, fill_from=current)
+        a_parts = lora_factors(trained_a, fill_from=current)
+        gaps = [personalization_gap(b_parts[layer].B, current[layer].A, a_parts[layer].A) for layer in current]
+        return float(sum(gaps) / len(gaps))

@@ -1,0 +1,274 @@
+"""The protocol on Flower's wire: instructions and replies as ``RecordDict`` s, tensors as ``ArrayRecord`` s.
+
+The only module of ``fedlowrank/`` that imports Flower. Tensors travel in fp32 (Flower's arrays go through
+numpy, which has no bfloat16); float64 stays float64 (accountant histories in client state must not lose
+precision). Keys are sorted: Flower's DP wrappers pair reply and broadcast arrays by position.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedlowrank.protocol.messages import (
+    EvaluateInstruction,
+    EvaluateReply,
+    MalformedMessage,
+    MethodSpec,
+    PrivacyReport,
+    Refusal,
+    TrainInstruction,
+    TrainReply,
+)
+
+# Record names inside a message's content.
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+CLIENT_INFO = "client-info"
+REFUSAL = "refusal"
+
+# Instruction fields (ConfigRecord); "server-round" is the name Flower's own strategies use.
+SERVER_ROUND = "server-round"
+SEED = "seed"
+TEST_SET = "eval-global-test"
+SPEC_FIELDS = {  # MethodSpec field -> wire key (sides as comma-separated text)
+    "trainer": "trainer",
+    "train": "train",
+    "upload": "upload",
+    "download": "download",
+    "local_b": "local-b",
+    "local_head": "local-head",
+    "check_shared_a": "check-shared-a",
+    "heterogeneous_ranks": "heterogeneous-ranks",
+}
+SIDE_FIELDS = ("train", "upload", "download")
+
+# Reply fields (MetricRecord / ConfigRecord).
+NUM_EXAMPLES = "num-examples"
+PARTITION_ID = "partition-id"
+TRAIN_LOSS = "train-loss"
+NUM_STEPS = "num-steps"
+TRAIN_TIME = "train-time"
+A_CHECKSUM = "a-checksum"
+REFUSED = "dp-refused"
+REASON = "reason"
+EPSILON = "dp-epsilon"
+PRIVACY_FIELDS = {  # PrivacyReport field -> wire key
+    "epsilon": EPSILON,
+    "noise_multiplier": "dp-noise-multiplier",
+    "sample_rate": "dp-sample-rate",
+    "steps_total": "dp-steps-total",
+    "empty_batches": "dp-empty-batches",
+    "planned_rounds": "dp-planned-rounds",
+}
+EVAL_FIELDS = {"loss": "eval-loss", "accuracy": "eval-accuracy", "f1": "eval-f1"}
+PERSONALIZATION_GAP = "personalization-gap"
+TEST_PREFIX = "test-"
+
+
+# ---- tensors -------------------------------------------------------------------------------------------------
+def state_to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({k: _tensor_to_array(state[k].detach().to("cpu", _wire_dtype(state[k]))) for k in sorted(state)})
+
+
+def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {key: _array_to_tensor(array) for key, array in record.items()}
+
+
+def record_bytes(record: ArrayRecord | None) -> int:
+    """Bytes as serialized in the message (array payloads plus their keys)."""
+    return 0 if record is None else record.count_bytes()
+
+
+def message_arrays(message: Message) -> ArrayRecord | None:
+    """The message's tensors (None for an error reply or a reply without any)."""
+    if message.has_error():
+        return None
+    return message.content.array_records.get(ARRAYS)
+
+
+_NPY_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+
+
+def _tensor_to_array(tensor: torch.Tensor) -> Array:
+    """The Array Flower's ``Array(ndarray)`` builds (the same .npy bytes), with the header cached per dtype and
+    shape: ``np.save`` formats it anew for every array (≈0.09 ms each, hundreds of clients × layers a round)."""
+    values = tensor.contiguous().numpy()
+    key = (values.dtype.str, values.shape)
+    header = _NPY_HEADERS.get(key)
+    if header is None:
+        buffer = io.BytesIO()
+        fields = {"descr": np.lib.format.dtype_to_descr(values.dtype), "fortran_order": False, "shape": values.shape}
+        np.lib.format.write_array_header_1_0(buffer, fields)
+        header = _NPY_HEADERS[key] = buffer.getvalue()
+    return Array(
+        dtype=str(values.dtype), shape=tuple(values.shape), stype="numpy.ndarray", data=header + values.tobytes()
+    )
+
+
+def _wire_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def _array_to_tensor(array: Array) -> torch.Tensor:
+    """Flower's ``Array.numpy()`` re-parses the .npy header with ``np.load`` (≈0.15 ms per array, most of a
+    round's record handling with hundreds of clients); read the payload after the header directly. Anything
+    unusual (Fortran order, another serialization, a size mismatch) goes through Flower's own reader, and
+    what that cannot read either is a malformed message."""
+    data = array.data
+    if array.stype == "numpy.ndarray" and data[:6] == b"\x93NUMPY" and data[6] in (1, 2, 3):
+        size_bytes = 2 if data[6] == 1 else 4
+        start = 8 + size_bytes + int.from_bytes(data[8 : 8 + size_bytes], "little")
+        dtype = np.dtype(array.dtype)
+        if b"'fortran_order': False" in data[:start] and len(data) - start == math.prod(array.shape) * dtype.itemsize:
+            flat = np.frombuffer(data, dtype=dtype, offset=start)
+            return torch.from_numpy(flat.reshape(array.shape).copy())
+    try:
+        return torch.from_numpy(np.array(array.numpy(), copy=True))
+    except Exception as exc:  # truncated payloads, unknown dtypes: say so instead of crashing the round
+        raise MalformedMessage(f"unreadable array ({type(exc).__name__}: {exc})") from exc
+
+
+# ---- instructions --------------------------------------------------------------------------------------------
+def _spec_record(spec: MethodSpec) -> dict[str, Any]:
+    record = {wire: getattr(spec, name) for name, wire in SPEC_FIELDS.items()}
+    record.update({name: ",".join(getattr(spec, name)) for name in SIDE_FIELDS})
+    return record
+
+
+def _spec_from(record: ConfigRecord) -> MethodSpec:
+    values = {name: record[wire] for name, wire in SPEC_FIELDS.items() if wire in record}
+    values.update({name: tuple(filter(None, str(values[name]).split(","))) for name in SIDE_FIELDS if name in values})
+    try:
+        return MethodSpec(**values)
+    except (TypeError, ValueError) as exc:
+        raise MalformedMessage(f"bad method spec in the instruction: {exc}") from exc
+
+
+def encode_instruction(
+    instruction: TrainInstruction | EvaluateInstruction, arrays: ArrayRecord | None = None
+) -> RecordDict:
+    """``arrays``: the broadcast already encoded (one record shared by every message of a round)."""
+    config = {SERVER_ROUND: instruction.server_round, **_spec_record(instruction.spec)}
+    if isinstance(instruction, TrainInstruction):
+        config[SEED] = instruction.seed
+    else:
+        config[TEST_SET] = instruction.test_set
+    arrays = arrays if arrays is not None else state_to_record(instruction.state)
+    return RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(config)})
+
+
+def decode_train_instruction(content: RecordDict) -> TrainInstruction:
+    config, spec, state = _instruction_parts(content)
+    return TrainInstruction(int(config[SERVER_ROUND]), spec, state, seed=int(config.get(SEED, 0)))
+
+
+def decode_evaluate_instruction(content: RecordDict) -> EvaluateInstruction:
+    config, spec, state = _instruction_parts(content)
+    return EvaluateInstruction(int(config[SERVER_ROUND]), spec, state, test_set=bool(config.get(TEST_SET, False)))
+
+
+def _instruction_parts(content: RecordDict) -> tuple[ConfigRecord, MethodSpec, dict[str, torch.Tensor]]:
+    config = content.config_records.get(CONFIG)
+    if config is None or SERVER_ROUND not in config:
+        raise MalformedMessage(f"an instruction needs a {CONFIG!r} record with {SERVER_ROUND!r}")
+    record = content.array_records.get(ARRAYS)
+    return config, _spec_from(config), {} if record is None else record_to_state(record)
+
+
+# ---- replies ---------------------------------------------------------------------------------------------------
+def encode_reply(reply: TrainReply | Refusal | EvaluateReply) -> RecordDict:
+    if isinstance(reply, Refusal):
+        metrics = {NUM_EXAMPLES: 0, PARTITION_ID: reply.partition_id, REFUSED: 1, EPSILON: reply.epsilon}
+        return RecordDict({METRICS: MetricRecord(metrics), REFUSAL: ConfigRecord({REASON: reply.reason})})
+    if isinstance(reply, EvaluateReply):
+        metrics = {NUM_EXAMPLES: reply.num_examples, PARTITION_ID: reply.partition_id}
+        metrics.update({wire: getattr(reply, name) for name, wire in EVAL_FIELDS.items()})
+        if reply.personalization_gap is not None:
+            metrics[PERSONALIZATION_GAP] = reply.personalization_gap
+        metrics.update({f"{TEST_PREFIX}{name}": value for name, value in reply.test.items()})
+        return RecordDict({METRICS: MetricRecord(metrics)})
+    metrics = {
+        NUM_EXAMPLES: reply.num_examples,
+        TRAIN_LOSS: reply.train_loss,
+        NUM_STEPS: reply.num_steps,
+        TRAIN_TIME: reply.train_time,
+        PARTITION_ID: reply.partition_id,
+    }
+    if reply.privacy is not None:
+        metrics.update({wire: getattr(reply.privacy, name) for name, wire in PRIVACY_FIELDS.items()})
+        metrics[REFUSED] = 0
+    content = RecordDict({ARRAYS: state_to_record(reply.state), METRICS: MetricRecord(metrics)})
+    if reply.a_checksum is not None:
+        content[CLIENT_INFO] = ConfigRecord({A_CHECKSUM: reply.a_checksum})
+    return content
+
+
+def decode_train_reply(content: RecordDict) -> TrainReply | Refusal:
+    """A client's train reply; ``MalformedMessage`` says what is wrong with one that does not parse."""
+    metrics = _metrics(content)
+    partition = _integer(metrics, PARTITION_ID)
+    if float(metrics.get(REFUSED, 0)) > 0:
+        reason = content.config_records.get(REFUSAL, {}).get(REASON, "privacy budget spent")
+        return Refusal(partition, str(reason), _number(metrics, EPSILON))
+    if ARRAYS not in content.array_records:
+        raise MalformedMessage(f"a train reply needs an {ARRAYS!r} record")
+    privacy = None
+    if EPSILON in metrics:
+        values = {name: _number(metrics, wire) for name, wire in PRIVACY_FIELDS.items()}
+        for name in ("steps_total", "empty_batches", "planned_rounds"):
+            values[name] = int(values[name])
+        privacy = PrivacyReport(**values)
+    info = content.config_records.get(CLIENT_INFO)
+    return TrainReply(
+        partition_id=partition,
+        num_examples=_integer(metrics, NUM_EXAMPLES),
+        state=record_to_state(content.array_records[ARRAYS]),
+        train_loss=_number(metrics, TRAIN_LOSS),
+        num_steps=_integer(metrics, NUM_STEPS),
+        train_time=_number(metrics, TRAIN_TIME),
+        privacy=privacy,
+        a_checksum=None if info is None or A_CHECKSUM not in info else str(info[A_CHECKSUM]),
+    )
+
+
+def decode_evaluate_reply(content: RecordDict) -> EvaluateReply:
+    metrics = _metrics(content)
+    gap = metrics.get(PERSONALIZATION_GAP)
+    test = {k[len(TEST_PREFIX) :]: float(v) for k, v in metrics.items() if k.startswith(TEST_PREFIX)}
+    return EvaluateReply(
+        partition_id=_integer(metrics, PARTITION_ID),
+        num_examples=_integer(metrics, NUM_EXAMPLES),
+        personalization_gap=None if gap is None else float(gap),
+        test=test,
+        **{name: _number(metrics, wire) for name, wire in EVAL_FIELDS.items()},
+    )
+
+
+def _metrics(content: RecordDict) -> MetricRecord:
+    metrics = content.metric_records.get(METRICS)
+    if metrics is None:
+        raise MalformedMessage(f"a reply needs a {METRICS!r} record")
+    return metrics
+
+
+def _number(metrics: MetricRecord, key: str) -> float:
+    if key not in metrics:
+        raise MalformedMessage(f"the reply has no {key!r}")
+    value = metrics[key]
+    if isinstance(value, list | bool):
+        raise MalformedMessage(f"{key!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def _integer(metrics: MetricRecord, key: str) -> int:
+    value = _number(metrics, key)
+    if not math.isfinite(value) or not value.is_integer():
+        raise MalformedMessage(f"{key!r} must be a whole number, got {value!r}")
+    return int(value)

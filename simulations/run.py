@@ -1,0 +1,37 @@
+"""``fedlowrank simulate``: a federation in this process, with the ServerApp's loop and the ClientApp."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clients.client_app import make_client_app
+from fedlowrank.config import RunConfig
+from fedlowrank.progress import Reporter
+from simulations.grids import BatchedGrid, InProcessGrid, adopt_server_identity
+from strategies.server_app import run_server
+
+
+def quiet_flower() -> None:
+    """Flower's logger says INFO for every message of every round; a simulation's progress bar says enough."""
+    import logging
+
+    import flwr.common.logger  # noqa: F401  (configures its logger on import: quiet it afterwards)
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
+def run_inprocess(config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Run a federated simulation of ``config`` in this process; returns the run summary."""
+    reporter = reporter or Reporter()
+    adopt_server_identity()
+    arguments: dict[str, Any] = dict(
+        num_nodes=config.num_clients,
+        run_config=config.to_flat(),
+        on_reply=lambda reply: reporter.client_finished() if reply.metadata.message_type == "train" else None,
+        seed=config.seed,
+    )
+    if config.engine == "batched":
+        grid = BatchedGrid(make_client_app(config), bound_config=config, wave_size=config.engine_wave_size, **arguments)
+    else:
+        grid = InProcessGrid(make_client_app(config), **arguments)
+    return run_server(grid, config, reporter)

@@ -1,0 +1,372 @@
+"""``LoRAStrategy``: the one Flower strategy, around any registered method's pure server math.
+
+It samples nodes (seeded: the same run samples the same clients), sends each the round's instruction (the
+broadcast plus the method's spec), decodes and checks the replies, weights the accepted clients, passes
+them through user-level DP when the run asks for it, runs the method's ``server_update``, averages the
+shared head, keeps the global adapter and what was folded into the frozen weights, and measures the
+aggregation bias. It implements Flower's ``Strategy`` (so ``Strategy.start`` can drive it too); fedlowrank's
+own loop (``strategies/server_app.py``) calls the typed ``train_round`` / ``evaluate_round`` to get the
+round's full account (who was accepted, rejected, refused or failed, and why).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedlowrank.adapters import RESIDUAL_SUFFIX, LayerFactors, factor_state, key_role, lora_factors, lora_scale
+from fedlowrank.config import RunConfig
+from fedlowrank.lowrank import pad_rank, product
+from fedlowrank.metrics import layer_bias, summarize
+from fedlowrank.protocol import (
+    EvaluateInstruction,
+    EvaluateReply,
+    MalformedMessage,
+    Refusal,
+    TrainInstruction,
+    TrainReply,
+    a_checksum,
+)
+from fedlowrank.protocol import flower as wire
+from strategies.method import RoundInput, ServerUpdate, client_weights, weighted_average
+from strategies.registry import ResolvedMethod, get_method, resolve_method
+from strategies.user_dp import ClientUpdates, NoUserDP, UpdatePrivacy, UserLevelDP
+
+log = logging.getLogger("fedlowrank")
+
+
+class FederationError(RuntimeError):
+    """The federation cannot go on (too few nodes, no client produced a result); the text says why."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Node sampling as Flower's built-in strategies do it, seeded per run, round and phase, with a bounded wait."""
+
+    fraction_train: float
+    fraction_evaluate: float
+    min_available_nodes: int
+    seed: int = 0
+    node_wait_seconds: float = 120.0
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> Sampling:
+        return cls(
+            config.fraction_train, config.fraction_evaluate, config.num_clients, config.seed, config.node_wait_seconds
+        )
+
+    def sample(self, grid: Grid, server_round: int, phase: str) -> list[int]:
+        fraction = self.fraction_train if phase == "train" else self.fraction_evaluate
+        if fraction == 0.0:
+            return []
+        minimum = max(1, int(self.min_available_nodes * fraction))
+        nodes = self.wait_for_nodes(grid)
+        size = max(int(len(nodes) * fraction), minimum)
+        rng = random.Random(self.seed * 1_000_003 + server_round * 2 + (phase == "evaluate"))
+        return rng.sample(nodes, size)
+
+    def wait_for_nodes(self, grid: Grid, poll_seconds: float = 1.0) -> list[int]:
+        """The connected nodes once there are enough; a clear error after ``node_wait_seconds`` instead of a
+        wait that never ends."""
+        deadline = time.monotonic() + self.node_wait_seconds
+        while len(nodes := list(grid.get_node_ids())) < self.min_available_nodes:
+            if time.monotonic() >= deadline:
+                raise FederationError(
+                    f"only {len(nodes)} node(s) connected after {self.node_wait_seconds:.0f} s, but num-clients="
+                    f"{self.min_available_nodes}. With `flwr run .` pass --federation-config "
+                    f'"num-supernodes={self.min_available_nodes}"; in a deployment start one SuperNode per '
+                    'partition (--node-config "partition-id=K num-partitions=N").'
+                )
+            time.sleep(poll_seconds)
+        return nodes
+
+
+@dataclass
+class TrainRoundResult:
+    """One round's training, as the server saw it."""
+
+    arrays: ArrayRecord | None  # the new broadcast (None: nothing was aggregated, the global model is unchanged)
+    replies: list[TrainReply | Refusal]  # every decoded reply (the ε ledger reads them all)
+    accepted: list[TrainReply]
+    refused: list[Refusal]
+    rejected: dict[str, str]  # client -> why its reply was not aggregated
+    failed: list[str]  # why clients produced no reply (errors, timeouts)
+    metrics: dict[str, Any] = field(default_factory=dict)  # bias, user-level ε, the method's own
+
+    @property
+    def train_loss(self) -> float | None:
+        return weighted_mean([r.train_loss for r in self.accepted], [r.num_examples for r in self.accepted])
+
+
+def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float | None:
+    """Σ v_k w_k / Σ w_k, summed in the order given (as Flower's metric aggregation); None without weight."""
+    total = float(sum(weights))
+    if not values or total <= 0:
+        return None
+    mean = 0.0
+    for index, (value, weight) in enumerate(zip(values, weights, strict=True)):
+        mean = value * (weight / total) if index == 0 else mean + value * (weight / total)
+    return mean
+
+
+class LoRAStrategy(Strategy):
+    """Flower's strategy contract around a ``ResolvedMethod`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        method: ResolvedMethod,
+        initial_state: dict[str, torch.Tensor],
+        *,
+        scale: float,
+        sampling: Sampling,
+        weighting: str = "num-examples",
+        seed: int = 0,
+        privacy: UpdatePrivacy | None = None,
+    ) -> None:
+        self.method, self.spec = method, method.spec
+        self.scale, self.sampling, self.weighting, self.seed = scale, sampling, weighting, seed
+        self.privacy: UpdatePrivacy = privacy if privacy is not None else NoUserDP()
+        self.global_state = {k: v.clone() for k, v in initial_state.items()}
+        self.folded: dict[str, torch.Tensor] = {}  # Σ of folded ΔW per layer, float64, weight units
+
+    @classmethod
+    def for_method(
+        cls,
+        name: str,
+        initial_state: dict[str, torch.Tensor],
+        *,
+        scale: float = 1.0,
+        weighting: str = "num-examples",
+        num_clients: int = 1,
+        seed: int = 0,
+    ) -> LoRAStrategy:
+        """Method ``name`` with its default options, outside a run config (your own server loop, tests)."""
+        definition = get_method(name)
+        options = definition.options()
+        method = ResolvedMethod(definition, options, options.adjust_spec(definition.spec))
+        return cls(
+            method,
+            initial_state,
+            scale=scale,
+            sampling=Sampling(1.0, 1.0, num_clients, seed),
+            weighting=weighting,
+            seed=seed,
+        )
+
+    # ---- what goes down -------------------------------------------------------------------------------------
+    def global_factors(self) -> dict[str, LayerFactors]:
+        return lora_factors(self.global_state)
+
+    def global_model_state(self) -> dict[str, torch.Tensor]:
+        """The full global adapter plus residual entries: what the server evaluates and saves."""
+        return {**self.global_state, **self._residual_entries()}
+
+    def base_residuals(self) -> dict[str, torch.Tensor]:
+        """What was folded into each layer's frozen weight (W − W0, fp32), empty for most methods."""
+        return {layer: m.float().contiguous() for layer, m in self.folded.items()}
+
+    def _residual_entries(self) -> dict[str, torch.Tensor]:
+        return {f"{layer}{RESIDUAL_SUFFIX}": m.float() for layer, m in self.folded.items()}
+
+    def broadcast_state(self) -> dict[str, torch.Tensor]:
+        sent = self.spec.downloaded_roles()
+        return {
+            **{k: v for k, v in self.global_state.items() if key_role(k) in sent},
+            **self._residual_entries(),
+        }
+
+    def broadcast_record(self) -> ArrayRecord:
+        return wire.state_to_record(self.broadcast_state())
+
+    # ---- Flower's Strategy ----------------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        instruction = TrainInstruction(server_round, self.spec, {}, seed=self.seed)
+        content = wire.encode_instruction(instruction, arrays)
+        nodes = self.sampling.sample(grid, server_round, "train")
+        return [Message(content, dst_node_id=node, message_type="train") for node in nodes]
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        test_set = bool(config.get(wire.TEST_SET, False))
+        instruction = EvaluateInstruction(server_round, self.spec, {}, test_set=test_set)
+        content = wire.encode_instruction(instruction, arrays)
+        nodes = self.sampling.sample(grid, server_round, "evaluate")
+        return [Message(content, dst_node_id=node, message_type="evaluate") for node in nodes]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        result = self.train_round(server_round, replies)
+        loss = result.train_loss
+        return result.arrays, (MetricRecord({"train-loss": loss}) if loss is not None else None)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        metrics = self.evaluate_round(server_round, replies)
+        return MetricRecord(metrics) if metrics else None
+
+    def summary(self) -> None:
+        log.info("%s: %s (spec %s)", type(self).__name__, self.method.name, self.spec)
+
+    # ---- what comes up --------------------------------------------------------------------------------------
+    def train_round(self, server_round: int, replies: Iterable[Message]) -> TrainRoundResult:
+        """Decode and check the replies, aggregate the accepted ones, and say what happened to every client."""
+        decoded: list[TrainReply | Refusal] = []
+        failed, rejected = [], {}
+        for index, message in enumerate(replies):
+            if message.has_error():
+                failed.append(message.error.reason)
+                continue
+            try:
+                decoded.append(wire.decode_train_reply(message.content))
+            except MalformedMessage as exc:
+                rejected[f"node-{message.metadata.src_node_id or index}"] = f"malformed reply: {exc}"
+        refused = [r for r in decoded if isinstance(r, Refusal)]
+        accepted = []
+        for reply in (r for r in decoded if isinstance(r, TrainReply)):
+            reason = self.rejection(reply)
+            if reason is None:
+                accepted.append(reply)
+            else:
+                rejected[str(reply.partition_id)] = reason
+        if rejected:
+            log.warning("round %d: rejected %d client(s): %s", server_round, len(rejected), rejected)
+        accepted.sort(key=lambda reply: reply.partition_id)  # the same sums whatever order replies arrived in
+        result = TrainRoundResult(None, decoded, accepted, refused, rejected, failed)
+        if accepted:
+            result.metrics = self._aggregate(server_round, accepted)
+            result.arrays = self.broadcast_record()
+        return result
+
+    def rejection(self, reply: TrainReply) -> str | None:
+        """Why ``reply`` must not be aggregated (None: it may)."""
+        if self.spec.check_shared_a and reply.a_checksum != a_checksum(self.global_state):
+            return "its frozen A differs from the shared A (checksum mismatch)"
+        return None
+
+    def _aggregate(self, server_round: int, accepted: list[TrainReply]) -> dict[str, Any]:
+        uploads = [reply.state for reply in accepted]
+        previous = self.global_factors()
+        # Clients of a smaller rank r_k (heterogeneous ranks) upload r_k components: zero-pad them back.
+        factors = [
+            {layer: _padded(pair, previous[layer]) for layer, pair in lora_factors(state, fill_from=previous).items()}
+            for state in uploads
+        ]
+        weights = client_weights([reply.num_examples for reply in accepted], self.weighting)
+        updates = self.privacy.privatize(ClientUpdates(uploads, factors, weights), self.global_state, previous)
+        inputs = RoundInput(
+            updates.factors,
+            updates.weights,
+            previous,
+            server_round,
+            updates.target_products,
+            uploads=updates.uploads,
+            seed=self.seed,
+            scale=self.scale,
+        )
+        update = self.method.server_update(inputs)
+        metrics = dict(updates.metrics)
+        # Bias needs each client's update; a personalised method reports a personalisation gap instead, and
+        # under user-level DP the individual updates must not be released.
+        if self.spec.trains_factors and not self.spec.personalized and not self.privacy.active:
+            metrics.update(self._bias(updates.factors, updates.weights, previous, update))
+        metrics.update(update.metrics)
+        self._apply(update, updates)
+        return metrics
+
+    def _apply(self, update: ServerUpdate, updates: ClientUpdates) -> None:
+        self.global_state.update(factor_state(update.factors))
+        # Non-matrix trainables of the global adapter that came up (the shared head, VeRA's λ) are averaged.
+        for key in sorted(k for k in updates.uploads[0] if k in self.global_state and k not in factor_keys(update)):
+            self.global_state[key] = weighted_average([upload[key] for upload in updates.uploads], updates.weights)
+        for layer, fold in update.fold.items():
+            self.folded[layer] = self.folded.get(layer, 0) + fold.to(torch.float64)
+
+    def _bias(
+        self,
+        clients: list[dict[str, LayerFactors]],
+        weights: torch.Tensor,
+        previous: dict[str, LayerFactors],
+        update: ServerUpdate,
+    ) -> dict[str, Any]:
+        per_layer, per_layer_round = {}, {}
+        for layer, new in update.factors.items():
+            broadcast = product(new)
+            if layer in update.fold:  # in product units, like the clients' B_k A_k
+                broadcast = broadcast + update.fold[layer].to(torch.float64) / self.scale
+            bias = layer_bias([client[layer] for client in clients], weights, broadcast, product(previous[layer]))
+            per_layer[layer], per_layer_round[layer] = bias.bias_rel, bias.bias_round_rel
+        summary, summary_round = summarize(per_layer), summarize(per_layer_round)
+        return {
+            "bias_rel_mean": summary["mean"],
+            "bias_rel_max": summary["max"],
+            "bias_round_rel_mean": summary_round["mean"],
+            "bias_round_rel_max": summary_round["max"],
+            "bias_rel_per_layer": per_layer,
+            "bias_round_rel_per_layer": per_layer_round,
+        }
+
+    def evaluate_round(self, server_round: int, replies: Iterable[Message]) -> dict[str, float]:
+        """The clients' evaluation, weighted by the examples each one scored."""
+        scored: list[EvaluateReply] = []
+        for message in replies:
+            if message.has_error():
+                continue
+            try:
+                scored.append(wire.decode_evaluate_reply(message.content))
+            except MalformedMessage as exc:
+                log.warning("round %d: ignoring a malformed evaluation reply: %s", server_round, exc)
+        scored.sort(key=lambda reply: reply.partition_id)
+        counts = [reply.num_examples for reply in scored]
+        metrics = {}
+        for name in ("loss", "accuracy", "f1"):
+            metrics[f"client_eval_{name}"] = weighted_mean([getattr(r, name) for r in scored], counts)
+        gaps = [r.personalization_gap for r in scored]
+        if scored and all(gap is not None for gap in gaps):
+            metrics["personalization_gap"] = weighted_mean(gaps, counts)  # type: ignore[arg-type]
+        for name in ("accuracy", "f1", "loss"):
+            if scored and all(name in r.test for r in scored):
+                metrics[f"test_{name}"] = weighted_mean([r.test[name] for r in scored], counts)
+        return {key: value for key, value in metrics.items() if value is not None}
+
+
+def factor_keys(update: ServerUpdate) -> set[str]:
+    return set(factor_state(update.factors))
+
+
+def _padded(pair: LayerFactors, reference: LayerFactors) -> LayerFactors:
+    """The pair at the global rank (zero components added)."""
+    b, a = pad_rank(pair.B, pair.A, reference.A.shape[0])
+    return LayerFactors(A=a, B=b)
+
+
+def build_strategy(
+    config: RunConfig, initial_state: dict[str, torch.Tensor], method: ResolvedMethod | None = None
+) -> LoRAStrategy:
+    """The run's strategy: its method (checked against the config and the adapter) and, when asked for,
+    user-level DP in the mode the method declares."""
+    method = method if method is not None else resolve_method(config)
+    method.options.check_adapter(initial_state)
+    privacy: UpdatePrivacy = NoUserDP()
+    if config.dp.user_level and method.definition.user_dp is not None:
+        privacy = UserLevelDP.from_config(config, method.definition.user_dp)
+    return LoRAStrategy(
+        method,
+        initial_state,
+        scale=lora_scale(config.lora),
+        sampling=Sampling.from_config(config),
+        weighting=config.weighting,
+        seed=config.seed,
+        privacy=privacy,
+    )
