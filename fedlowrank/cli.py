@@ -90,22 +90,32 @@ def _quiet_libraries(flower: bool = True) -> None:
     hf_logging.disable_progress_bar()
 
 
+def _execute(
+    config_path: Path | None, overrides: list[str] | None, data_dir: str | None, name: str | None, run: Any
+) -> None:
+    """Load the config (bad input: its message, exit code 2) and run ``run(config, reporter)``."""
+    from fedlowrank.progress import RichReporter
+
+    with user_errors():
+        run(load_config(config_path, overrides, data_dir, name), RichReporter(console))
+
+
 @app.command()
 def simulate(
     config: ConfigOption = None, set_: SetOption = None, data_dir: DataDirOption = None, name: NameOption = None
 ) -> None:
     """Run a federated simulation in this process (Flower strategies and ClientApp, no Ray)."""
-    from fedlowrank.progress import RichReporter
+    _execute(config, set_, data_dir, name, _simulate)
 
-    with user_errors():
-        run_config = load_config(config, set_, data_dir, name)
-        from strategies.registry import resolve_method
 
-        resolve_method(run_config)  # every method-specific check before anything loads
-        _quiet_libraries()
-        from simulations.run import run_inprocess
+def _simulate(run_config: RunConfig, reporter: Any) -> None:
+    from strategies.registry import resolve_method
 
-        run_inprocess(run_config, RichReporter(console))
+    resolve_method(run_config)  # every method-specific check before anything loads
+    _quiet_libraries()
+    from simulations.run import run_inprocess
+
+    run_inprocess(run_config, reporter)
 
 
 @app.command()
@@ -113,15 +123,16 @@ def train(
     config: ConfigOption = None, set_: SetOption = None, data_dir: DataDirOption = None, name: NameOption = None
 ) -> None:
     """Centralized LoRA fine-tuning on the whole training set (the upper bound for federated runs)."""
-    from fedlowrank.centralized import train_centralized
-    from fedlowrank.progress import RichReporter
+    _execute(config, set_, data_dir, name, lambda run_config, reporter: _train(run_config, reporter, name is None))
 
-    with user_errors():
-        run_config = load_config(config, set_, data_dir, name)
-        if name is None:
-            run_config.name = f"{run_config.name}-centralized"
-        _quiet_libraries(flower=False)
-        train_centralized(run_config, RichReporter(console))
+
+def _train(run_config: RunConfig, reporter: Any, default_name: bool) -> None:
+    from fedlowrank.centralized import train_centralized
+
+    if default_name:
+        run_config.name = f"{run_config.name}-centralized"
+    _quiet_libraries(flower=False)
+    train_centralized(run_config, reporter)
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that run federations (results saved to disk).")
@@ -147,17 +158,16 @@ def _sweep_progress(label: str, total: int) -> Iterator[Any]:
         yield lambda done, _total, cell: progress.update(task, completed=done, description=cell.name)
 
 
+# fmt: off
 @bench_app.command("bias")
 def bench_bias(
-    config: ConfigOption = None,
-    set_: SetOption = None,
-    data_dir: DataDirOption = None,
+    config: ConfigOption = None, set_: SetOption = None, data_dir: DataDirOption = None,
     strategies: Annotated[str, typer.Option(help="Comma-separated strategies (default: all but fed-galore).")] = "",
     alphas: Annotated[str, typer.Option(help="Dirichlet α values and/or 'iid'.")] = "0.1,0.5,1.0,iid",
     local_steps: Annotated[str, typer.Option(help="Local steps per round (comma-separated).")] = "5,20",
     seeds: Annotated[str, typer.Option(help="Seeds (comma-separated).")] = "0",
     output: Annotated[Path, typer.Option(help="Output folder (resumable).")] = Path("runs/bench-bias"),
-) -> None:
+) -> None:  # fmt: on
     """Aggregation bias per round and layer, and accuracy, for strategies x heterogeneity x local steps."""
     with user_errors(ValueError):
         base = load_config(config, set_, data_dir, None)
@@ -168,8 +178,10 @@ def bench_bias(
         from simulations.bench_bias import run_bias_benchmark
 
         total = len(names) * len(_csv(alphas)) * len(steps) * len(seed_values)
+        from simulations.sweep import SweepRun
+
         with _sweep_progress("bench bias", total) as advance:
-            run_bias_benchmark(base, names, _csv(alphas), steps, seed_values, output, on_cell=advance)
+            run_bias_benchmark(base, names, _csv(alphas), steps, seed_values, SweepRun(output, on_cell=advance))
         console.print((output / "bias_summary.md").read_text())
         console.print((output / "accuracy.md").read_text())
         console.print(f"wrote {output}/bias.csv, bias.png, accuracy.md, accuracy.csv, bias_summary.md")
@@ -204,8 +216,10 @@ def sweep_privacy(
         eps_values = parse_epsilons(epsilons)
         if seeds < 1:
             raise ConfigError("--seeds must be >= 1")
+        from simulations.sweep import SweepRun
+
         with _sweep_progress("sweep privacy", len(_csv(strategies)) * len(eps_values) * seeds) as advance:
-            run_privacy_sweep(base, _csv(strategies), eps_values, list(range(seeds)), output, on_cell=advance)
+            run_privacy_sweep(base, _csv(strategies), eps_values, list(range(seeds)), SweepRun(output, on_cell=advance))
         console.print((output / "privacy.md").read_text())
         console.print(f"wrote {output}/privacy.csv, privacy.md, privacy.png")
 

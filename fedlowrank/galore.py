@@ -81,21 +81,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         projector_options: dict[str, Any] | None = None,
         moment_bits: int = 32,
     ) -> None:
-        defaults = {
-            "lr": lr,
-            "betas": betas,
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "galore": False,
-            "rank": rank,
-            "update_gap": update_gap,
-            "scale": scale,
-            "projector": projector,
-            "moment_policy": moment_policy,
-            "seed": seed,
-            "projector_options": dict(projector_options or {}),
-            "moment_bits": moment_bits,
-        }
+        projection = galore_group([], rank, update_gap, scale, projector, moment_policy, seed, projector_options)
+        defaults = {**projection, "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        defaults.update(galore=False, moment_bits=moment_bits)  # groups are plain AdamW unless marked
+        del defaults["params"]
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -130,18 +119,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
             _init_moments(state, torch.zeros_like(p, memory_format=torch.preserve_format), group["moment_bits"])
         exp_avg, exp_avg_sq = _load_moments(state)
         state["step"] += 1
-        beta1, beta2 = group["betas"]
         lr, weight_decay = group["lr"], group["weight_decay"]
-        grad = p.grad
         # torch.optim.AdamW's single-tensor arithmetic, operation for operation.
         if weight_decay != 0:
             p.mul_(1 - lr * weight_decay)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step = float(state["step"])
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(group["eps"])
+        denom, bias_correction1 = _adam_moments_(exp_avg, exp_avg_sq, p.grad, group, float(state["step"]))
         p.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
         _store_moments(state, exp_avg, exp_avg_sq)
 
@@ -174,14 +156,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         low = projector.down(grad)
         state["step"] += 1
         state["moment_step"] += 1
-        beta1, beta2 = group["betas"]
         lr, weight_decay = group["lr"], group["weight_decay"]
-        exp_avg.lerp_(low, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
-        step = float(state["moment_step"])
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(group["eps"])
+        denom, bias_correction1 = _adam_moments_(exp_avg, exp_avg_sq, low, group, float(state["moment_step"]))
         update = projector.up(exp_avg / denom)
         if weight_decay != 0:
             p.mul_(1 - lr * weight_decay)  # decoupled, full space, before the update (torch's order)
@@ -255,6 +231,18 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     self.state[p][name] = projector_from_state(value, device=p.device)
                 else:
                     self.state[p][name] = value.to(p.device)
+
+
+def _adam_moments_(
+    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], step: float
+) -> tuple[torch.Tensor, float]:
+    """Adam's moment updates in place (torch's order of operations); returns the step's denominator
+    √(v / (1 − β₂ᵗ)) + ε and the first moment's bias correction 1 − β₁ᵗ."""
+    beta1, beta2 = group["betas"]
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction2 = 1 - beta2**step
+    return (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(group["eps"]), 1 - beta1**step
 
 
 def _validate_group(group: dict[str, Any]) -> None:
@@ -336,7 +324,7 @@ def _dynamic_map(functional: Any, signed: bool, device: torch.device) -> torch.T
 
 
 # ---- parameter selection -----------------------------------------------------------------------------------
-def _module_matches(module_name: str, targets: Sequence[str]) -> bool:
+def module_matches(module_name: str, targets: Sequence[str]) -> bool:
     """peft's rule: a target matches the full module name or its dotted suffix; ``re:`` prefixes a regex."""
     for target in targets:
         if target.startswith("re:"):
@@ -345,6 +333,15 @@ def _module_matches(module_name: str, targets: Sequence[str]) -> bool:
         elif module_name == target or module_name.endswith("." + target):
             return True
     return False
+
+
+def galore_group(params: Sequence[torch.nn.Parameter], rank: int, update_gap: int = 200, scale: float = 0.25,
+                 projector: str = "svd", moment_policy: str = "keep", seed: int = 0,
+                 projector_options: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """A GaLoreAdamW parameter group that projects ``params`` (the one way such a group is written)."""
+    options = dict(projector_options or {})
+    return dict(params=list(params), galore=True, rank=rank, update_gap=update_gap, scale=scale, projector=projector,
+                moment_policy=moment_policy, seed=seed, projector_options=options)  # fmt: skip
 
 
 def galore_param_groups(
@@ -392,7 +389,7 @@ def galore_param_groups(
         elif target_modules is None:
             wanted = isinstance(module, torch.nn.Linear)
         else:
-            wanted = _module_matches(module_name, target_modules)
+            wanted = module_matches(module_name, target_modules)
         if eligible and wanted and min(param.shape) > rank:
             selected.append(param)
         else:
@@ -401,18 +398,7 @@ def galore_param_groups(
         raise ValueError(
             f"no trainable 2-D weight matched target_modules={target_modules!r} with a smaller side > rank {rank}"
         )
-    galore_group: dict[str, Any] = {
-        "params": selected,
-        "galore": True,
-        "rank": rank,
-        "update_gap": update_gap,
-        "scale": scale,
-        "projector": projector,
-        "moment_policy": moment_policy,
-        "seed": seed,
-        "projector_options": dict(projector_options or {}),
-    }
-    groups = [galore_group]
+    groups = [galore_group(selected, rank, update_gap, scale, projector, moment_policy, seed, projector_options)]
     if plain:
         groups.append({"params": plain})
     for group in groups:
@@ -455,6 +441,8 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 __all__ = [
     "GaLoreAdamW",
+    "galore_group",
+    "module_matches",
     "galore_param_groups",
     "optimizer_state_breakdown",
     "optimizer_state_bytes",

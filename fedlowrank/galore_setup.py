@@ -19,24 +19,11 @@ from torch.utils.data import DataLoader
 
 from fedlowrank.config import ConfigError, GaLoreSettings, TrainSettings
 from fedlowrank.fed_galore import client_projected_updates, projectors_from_wire, projectors_to_wire, round_projectors
-from fedlowrank.galore import GaLoreAdamW
+from fedlowrank.galore import GaLoreAdamW, galore_group, module_matches
 
 # Keys of fed-galore uploads: "<layer>.projected" holds down(ΔW) (r x n or m x r).
 PROJECTED_SUFFIX = ".projected"
 _ADAPTER_MARKERS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B")
-
-
-def module_matches(name: str, targets: Sequence[str]) -> bool:
-    """peft's rule: a target is the full name or a dotted suffix of it; ``re:`` prefixes a regex."""
-    import re
-
-    for target in targets:
-        if target.startswith("re:"):
-            if re.fullmatch(target[3:], name):
-                return True
-        elif name == target or name.endswith("." + target):
-            return True
-    return False
 
 
 def owner_layer(param_name: str) -> str:
@@ -117,16 +104,9 @@ def galore_groups(
             "when its smaller side exceeds the rank; lower galore.rank, change galore.target-modules, or "
             "unfreeze base weights with galore.train-modules"
         )
-    group = {
-        "params": selected,
-        "galore": True,
-        "rank": galore.rank,
-        "update_gap": galore.update_gap,
-        "scale": galore.scale,
-        "projector": galore.projector,
-        "moment_policy": galore.moment_policy,
-        "seed": seed,
-    }
+    group = galore_group(
+        selected, galore.rank, galore.update_gap, galore.scale, galore.projector, galore.moment_policy, seed
+    )
     if galore.lr > 0:
         group["lr"] = galore.lr
     return [group, {"params": plain}] if plain else [group]
@@ -213,14 +193,8 @@ def fed_galore_client_train(
     try:
         trainable = [p for p in model.parameters() if p.requires_grad]
         base_ids = {id(w) for w in weights.values()}
-        group = {
-            "params": list(weights.values()),
-            "galore": True,
-            "rank": galore.rank,
-            "update_gap": 0,  # the round's basis, never refreshed locally: every step stays in its span
-            "scale": galore.scale,
-            "projector": "gaussian",
-        }
+        # update_gap 0: the round's basis, never refreshed locally, so every step stays in its span
+        group = galore_group(list(weights.values()), galore.rank, 0, galore.scale, "gaussian")
         if galore.lr > 0:
             group["lr"] = galore.lr
         groups = [group]
@@ -251,7 +225,6 @@ __all__ = [
     "galore_groups",
     "lora_base_weights",
     "make_galore_optimizer",
-    "module_matches",
     "owner_layer",
     "set_base_trainable",
 ]

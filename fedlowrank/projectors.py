@@ -296,17 +296,9 @@ class SVDProjector(Projector):
 
     kind: ClassVar[str] = "svd"
 
-    def __init__(
-        self,
-        rank: int,
-        update_gap: int = 200,
-        seed: int = 0,
-        moment_policy: MomentPolicy = "keep",
-        randomized: bool = False,
-        oversample: int = 8,
-        niter: int = 2,
-    ) -> None:
-        super().__init__(rank, update_gap, seed, moment_policy)
+    def __init__(self, *args: Any, randomized: bool = False, oversample: int = 8, niter: int = 2, **base: Any) -> None:
+        """``Projector``'s arguments (rank, update_gap, seed, moment_policy), then the randomized SVD's."""
+        super().__init__(*args, **base)
         if oversample < 0 or niter < 0:
             raise ValueError("oversample and niter must be >= 0")
         self.randomized = randomized
@@ -384,15 +376,9 @@ class GaussianProjector(Projector):
 
     kind: ClassVar[str] = "gaussian"
 
-    def __init__(
-        self,
-        rank: int,
-        update_gap: int = 200,
-        seed: int = 0,
-        moment_policy: MomentPolicy = "keep",
-        orthonormal: bool = True,
-    ) -> None:
-        super().__init__(rank, update_gap, seed, moment_policy)
+    def __init__(self, *args: Any, orthonormal: bool = True, **base: Any) -> None:
+        """``Projector``'s arguments (rank, update_gap, seed, moment_policy), then ``orthonormal``."""
+        super().__init__(*args, **base)
         self.orthonormal = orthonormal
 
     def _generate(self, step: int, dtype: torch.dtype, device: torch.device | None) -> torch.Tensor:
@@ -592,12 +578,7 @@ _CLASSES: dict[str, type[Projector]] = {
 
 
 def make_projector(
-    kind: str,
-    rank: int,
-    update_gap: int = 200,
-    seed: int = 0,
-    moment_policy: MomentPolicy = "keep",
-    **options: Any,
+    kind: str, rank: int, update_gap: int = 200, seed: int = 0, moment_policy: MomentPolicy = "keep", **options: Any
 ) -> Projector:
     """Build a projector by name: "svd", "randomized-svd", "gaussian", "dct" (or "identity").
 

@@ -166,12 +166,5 @@ def build_workspace(config: RunConfig) -> Workspace:
     torch.manual_seed(config.seed)  # the new head and the adapter initialisation are functions of the seed
     model = load_model(config.model, config.task, task.num_labels, task.label_names, device=device)
     peft_model = attach_lora(model, config.lora, config.task)
-    return Workspace(
-        config=config,
-        model=peft_model,
-        tokenizer=tokenizer,
-        task=task,
-        device=device,
-        initial_state=adapter_state(peft_model),
-        base_weights=base_weights(peft_model),
-    )
+    # fields in order: config, model, tokenizer, task, device, initial_state, base_weights
+    return Workspace(config, peft_model, tokenizer, task, device, adapter_state(peft_model), base_weights(peft_model))

@@ -11,24 +11,12 @@ Runs strategies x heterogeneity (Dirichlet α values and IID) x local steps x se
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
 from itertools import product
 from pathlib import Path
 from typing import Any
 
 from fedlowrank.config import ConfigError, RunConfig
-from fedlowrank.progress import Reporter
-from simulations.sweep import (
-    Cell,
-    draw_spread,
-    figure,
-    grouped,
-    markdown_table,
-    mean_std,
-    run_cells,
-    save_figure,
-    write_csv,
-)
+from simulations import sweep
 from strategies.registry import get_method
 
 ROW_KEYS = (
@@ -43,7 +31,7 @@ ROW_KEYS = (
 )
 
 
-def bias_cell(strategy: str, heterogeneity: str, local_steps: int, seed: int) -> Cell:
+def bias_cell(strategy: str, heterogeneity: str, local_steps: int, seed: int) -> sweep.Cell:
     """``heterogeneity``: "iid" or a Dirichlet α as text."""
     overrides: dict[str, Any] = {"strategy": strategy, "seed": seed, "train.local-steps": local_steps}
     if heterogeneity == "iid":
@@ -54,49 +42,45 @@ def bias_cell(strategy: str, heterogeneity: str, local_steps: int, seed: int) ->
         except ValueError:
             raise ConfigError(f"heterogeneity must be 'iid' or a Dirichlet α, got {heterogeneity!r}") from None
     labels = {"strategy": strategy, "heterogeneity": heterogeneity, "local_steps": local_steps, "seed": seed}
-    return Cell(f"{strategy}_h-{heterogeneity}_steps-{local_steps}_seed-{seed}", overrides, labels)
+    return sweep.Cell(f"{strategy}_h-{heterogeneity}_steps-{local_steps}_seed-{seed}", overrides, labels)
 
 
 def run_bias_benchmark(
-    base: RunConfig,
-    strategies: list[str],
-    heterogeneity: list[str],
-    local_steps: list[int],
-    seeds: list[int],
-    output_dir: Path,
-    reporter_factory: Callable[[], Reporter] = Reporter,
-    on_cell: Callable[[int, int, Cell], None] | None = None,
+    base: RunConfig, strategies: list[str], levels: list[str], steps: list[int], seeds: list[int], run: sweep.SweepRun
 ) -> list[dict[str, Any]]:
+    """``levels``: heterogeneity levels ("iid" or Dirichlet α values); ``steps``: local steps per round."""
     names = [get_method(s).name for s in strategies]
-    cells = [bias_cell(*values) for values in product(names, heterogeneity, local_steps, seeds)]
-    runs = run_cells(base, cells, output_dir, reporter_factory, on_cell)
+    cells = [bias_cell(*values) for values in product(names, levels, steps, seeds)]
+    runs = sweep.run_cells(base, cells, run)
     rows = [
-        {**run.cell.labels, "round": metrics["round"], **{key: metrics.get(key) for key in ROW_KEYS}}
-        for run in runs
-        for metrics in run.metrics()
+        {**cell_run.cell.labels, "round": metrics["round"], **{key: metrics.get(key) for key in ROW_KEYS}}
+        for cell_run in runs
+        for metrics in cell_run.metrics()
     ]
-    write_outputs(rows, output_dir)
+    write_outputs(rows, run.output_dir)
     return rows
 
 
 def write_outputs(rows: list[dict[str, Any]], output_dir: Path) -> None:
-    write_csv(rows, output_dir / "bias.csv")
+    sweep.write_csv(rows, output_dir / "bias.csv")
     last_round = max(row["round"] for row in rows)
-    finals = grouped((row for row in rows if row["round"] == last_round), ("strategy", "heterogeneity", "local_steps"))
+    finals = sweep.grouped(
+        (row for row in rows if row["round"] == last_round), ("strategy", "heterogeneity", "local_steps")
+    )
     accuracy_rows = [
         {
             "strategy": strategy,
             "heterogeneity": level,
             "local_steps": steps,
             "seeds": len(members),
-            "test_accuracy": mean_std(m["test_accuracy"] for m in members),
-            "client_eval_accuracy": mean_std(m["client_eval_accuracy"] for m in members),
+            "test_accuracy": sweep.mean_std(m["test_accuracy"] for m in members),
+            "client_eval_accuracy": sweep.mean_std(m["client_eval_accuracy"] for m in members),
         }
         for (strategy, level, steps), members in finals.items()
     ]
     header = ["strategy", "heterogeneity", "local steps", "seeds", "test accuracy", "client val accuracy"]
-    (output_dir / "accuracy.md").write_text(markdown_table(header, [list(r.values()) for r in accuracy_rows]))
-    write_csv(accuracy_rows, output_dir / "accuracy.csv")
+    (output_dir / "accuracy.md").write_text(sweep.markdown_table(header, [list(r.values()) for r in accuracy_rows]))
+    sweep.write_csv(accuracy_rows, output_dir / "accuracy.csv")
     (output_dir / "bias_summary.md").write_text(_bias_summary(rows))
     plot_bias(rows, output_dir / "bias.png")
 
@@ -104,7 +88,7 @@ def write_outputs(rows: list[dict[str, Any]], output_dir: Path) -> None:
 def _bias_summary(rows: list[dict[str, Any]]) -> str:
     """Mean bias over all rounds and seeds per strategy x heterogeneity (FedSA: its personalisation gap)."""
     levels = sorted({row["heterogeneity"] for row in rows}, key=lambda x: (x == "iid", float(x) if x != "iid" else 0))
-    by_cell = grouped(rows, ("strategy", "heterogeneity"))
+    by_cell = sweep.grouped(rows, ("strategy", "heterogeneity"))
     table = []
     for strategy in dict.fromkeys(row["strategy"] for row in rows):
         cells = []
@@ -117,25 +101,25 @@ def _bias_summary(rows: list[dict[str, Any]]) -> str:
             else:
                 cells.append(f"gap {statistics.mean(gaps):.3e}" if gaps else "-")
         table.append([strategy, *cells])
-    return markdown_table(["strategy", *(f"bias_rel {level}" for level in levels)], table)
+    return sweep.markdown_table(["strategy", *(f"bias_rel {level}" for level in levels)], table)
 
 
 def plot_bias(rows: list[dict[str, Any]], path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     panels = list(dict.fromkeys((row["heterogeneity"], row["local_steps"]) for row in rows))
-    fig, axes = figure(len(panels), width=4.2, height=3.8)
+    fig, axes = sweep.figure(len(panels), width=4.2, height=3.8)
     for axis, (level, steps) in zip(axes, panels, strict=True):
         series = {}
-        for (strategy,), members in grouped(
+        for (strategy,), members in sweep.grouped(
             (r for r in rows if (r["heterogeneity"], r["local_steps"]) == (level, steps)), ("strategy",)
         ).items():
-            per_round = grouped((m for m in members if m["bias_rel_mean"] is not None), ("round",))
+            per_round = sweep.grouped((m for m in members if m["bias_rel_mean"] is not None), ("round",))
             if per_round:
                 series[strategy] = [
                     (r, [m["bias_rel_mean"] for m in per_round[(r,)]]) for r in sorted(k[0] for k in per_round)
                 ]
-        draw_spread(axis, series)
+        sweep.draw_spread(axis, series)
         # symlog keeps the exact zeros of FFA / FedSVD / FedEx / FLoRA visible beside FedIT
         axis.set_yscale("symlog", linthresh=1e-6)
         work = f"{steps} local steps" if steps else "local epochs"
@@ -144,4 +128,4 @@ def plot_bias(rows: list[dict[str, Any]], path: Path) -> None:
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylabel("bias_rel (mean over layers)")
     axes[-1].legend(fontsize=8)
-    save_figure(fig, path)
+    sweep.save_figure(fig, path)

@@ -42,6 +42,15 @@ class CellRun:
         return read_metrics(self.run_dir)
 
 
+@dataclass(frozen=True)
+class SweepRun:
+    """Where and how a sweep runs: its output folder, a progress reporter per run, a callback after each cell."""
+
+    output_dir: Path
+    reporter_factory: Callable[[], Reporter] = Reporter
+    on_cell: Callable[[int, int, Cell], None] | None = None
+
+
 def cell_config(base: RunConfig, cell: Cell, output_dir: Path) -> RunConfig:
     flat = base.to_flat()
     flat.update(cell.overrides)
@@ -54,29 +63,24 @@ def finished(run_dir: Path) -> bool:
 
 
 def run_cells(
-    base: RunConfig,
-    cells: Sequence[Cell],
-    output_dir: Path,
-    reporter_factory: Callable[[], Reporter] = Reporter,
-    on_cell: Callable[[int, int, Cell], None] | None = None,
-    after_cell: Callable[[list[CellRun]], None] | None = None,
+    base: RunConfig, cells: Sequence[Cell], run: SweepRun, after_cell: Callable[[list[CellRun]], None] | None = None
 ) -> list[CellRun]:
     """Run every unfinished cell (configs checked first: a typo fails before any run); returns them all."""
     from simulations.run import run_inprocess
     from strategies.registry import resolve_method
 
-    configs = [cell_config(base, cell, output_dir) for cell in cells]
+    configs = [cell_config(base, cell, run.output_dir) for cell in cells]
     for config in configs:
         resolve_method(config)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    run.output_dir.mkdir(parents=True, exist_ok=True)
     done: list[CellRun] = []
     for index, (cell, config) in enumerate(zip(cells, configs, strict=True)):
         run_dir = Path(config.output_dir) / config.name
         if not finished(run_dir):
-            run_inprocess(config, reporter_factory())
+            run_inprocess(config, run.reporter_factory())
         done.append(CellRun(cell, run_dir))
-        if on_cell is not None:
-            on_cell(index + 1, len(cells), cell)
+        if run.on_cell is not None:
+            run.on_cell(index + 1, len(cells), cell)
         if after_cell is not None:
             after_cell(done)  # partial results are usable
     return done

@@ -11,25 +11,12 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable
 from itertools import product
 from pathlib import Path
 from typing import Any
 
 from fedlowrank.config import ConfigError, RunConfig
-from fedlowrank.progress import Reporter
-from simulations.sweep import (
-    Cell,
-    CellRun,
-    draw_spread,
-    figure,
-    grouped,
-    markdown_table,
-    mean_std,
-    run_cells,
-    save_figure,
-    write_csv,
-)
+from simulations import sweep
 from strategies.registry import get_method
 
 
@@ -49,37 +36,24 @@ def epsilon_label(epsilon: float) -> str:
     return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
 
 
-def privacy_cell(strategy: str, epsilon: float, seed: int) -> Cell:
+def privacy_cell(strategy: str, epsilon: float, seed: int) -> sweep.Cell:
     label = epsilon_label(epsilon)
     overrides = {"strategy": strategy, "seed": seed, "dp.epsilon": 0.0 if math.isinf(epsilon) else epsilon}
-    return Cell(
+    return sweep.Cell(
         f"{strategy}_eps-{label}_seed-{seed}", overrides, {"strategy": strategy, "epsilon": label, "seed": seed}
     )
 
 
 def run_privacy_sweep(
-    base: RunConfig,
-    strategies: list[str],
-    epsilons: list[float],
-    seeds: list[int],
-    output_dir: Path,
-    reporter_factory: Callable[[], Reporter] = Reporter,
-    on_cell: Callable[[int, int, Cell], None] | None = None,
+    base: RunConfig, strategies: list[str], epsilons: list[float], seeds: list[int], run: sweep.SweepRun
 ) -> list[dict[str, Any]]:
     names = [get_method(s).name for s in strategies]  # a typo fails before any run
     cells = [privacy_cell(*values) for values in product(names, epsilons, seeds)]
-    runs = run_cells(
-        base,
-        cells,
-        output_dir,
-        reporter_factory,
-        on_cell,
-        after_cell=lambda done: write_outputs([_cell_row(r) for r in done], output_dir),
-    )
-    return [_cell_row(run) for run in runs]
+    runs = sweep.run_cells(base, cells, run, lambda done: write_outputs([_cell_row(r) for r in done], run.output_dir))
+    return [_cell_row(cell_run) for cell_run in runs]
 
 
-def _cell_row(run: CellRun) -> dict[str, Any]:
+def _cell_row(run: sweep.CellRun) -> dict[str, Any]:
     summary, metrics = run.summary(), run.metrics()
     sigmas = [v for row in metrics for v in (row.get("dp_noise_multiplier_per_client") or {}).values()]
     return {
@@ -98,17 +72,22 @@ def _epsilon_order(label: str) -> float:
 
 
 def write_outputs(rows: list[dict[str, Any]], output_dir: Path) -> None:
-    write_csv(rows, output_dir / "privacy.csv")
+    sweep.write_csv(rows, output_dir / "privacy.csv")
     labels = sorted({row["epsilon"] for row in rows}, key=_epsilon_order)
-    cells = grouped(rows, ("strategy", "epsilon"))
+    cells = sweep.grouped(rows, ("strategy", "epsilon"))
     table = []
     for strategy in dict.fromkeys(row["strategy"] for row in rows):
         members = [cells.get((strategy, label), []) for label in labels]
         table.append(
-            [strategy, *(f"{mean_std(m['test_accuracy'] for m in ms)} (n={len(ms)})" if ms else "-" for ms in members)]
+            [
+                strategy,
+                *(f"{sweep.mean_std(m['test_accuracy'] for m in ms)} (n={len(ms)})" if ms else "-" for ms in members),
+            ]
         )
     header = ["strategy", *(f"ε = {'∞ (no DP)' if label == 'inf' else label}" for label in labels)]
-    (output_dir / "privacy.md").write_text("test accuracy, mean ± std over seeds\n\n" + markdown_table(header, table))
+    (output_dir / "privacy.md").write_text(
+        "test accuracy, mean ± std over seeds\n\n" + sweep.markdown_table(header, table)
+    )
     plot_privacy(rows, output_dir / "privacy.png")
 
 
@@ -118,17 +97,17 @@ def plot_privacy(rows: list[dict[str, Any]], path: Path) -> None:
     # ∞ sits one log-step to the right of the largest finite ε, labelled as such
     inf_x = (max(finite) * 2.5) if finite else 1.0
     x_of = {label: (inf_x if label == "inf" else float(label)) for label in labels}
-    cells = grouped((r for r in rows if r["test_accuracy"] is not None), ("strategy", "epsilon"))
+    cells = sweep.grouped((r for r in rows if r["test_accuracy"] is not None), ("strategy", "epsilon"))
     series = {
         strategy: [(x_of[label], [m["test_accuracy"] for m in cells.get((strategy, label), [])]) for label in labels]
         for strategy in dict.fromkeys(row["strategy"] for row in rows)
     }
-    fig, (axis,) = figure(1)
-    draw_spread(axis, series)
+    fig, (axis,) = sweep.figure(1)
+    sweep.draw_spread(axis, series)
     axis.set_xscale("log")
     axis.set_xticks([x_of[label] for label in labels], ["∞" if label == "inf" else label for label in labels])
     axis.minorticks_off()
     axis.set_xlabel("sample-level ε per client (δ = 1e-5)")
     axis.set_ylabel("test accuracy (mean ± std over seeds)")
     axis.legend()
-    save_figure(fig, path)
+    sweep.save_figure(fig, path)

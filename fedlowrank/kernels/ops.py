@@ -16,6 +16,8 @@ from torch.autograd.function import once_differentiable
 
 from . import reference as ref
 
+Tensor = torch.Tensor
+Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
 Backend = Literal["auto", "triton", "reference"]
 
 __all__ = [
@@ -74,17 +76,9 @@ def _check_index(client_index: torch.Tensor, num_clients: int) -> None:
             raise IndexError(f"client_index values must lie in [0, {num_clients}), got [{lo}, {hi}]")
 
 
-def _triton_grads(
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    client_index: torch.Tensor,
-    scale: float,
-    grad_out: torch.Tensor,
-    h: torch.Tensor | None,
-    needs: tuple[bool, bool, bool],
-    example_weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+def _triton_grads(x: Tensor, A: Tensor, B: Tensor, client_index: Tensor, scale: float, grad_out: Tensor,
+                  h: Tensor | None, needs: tuple[bool, bool, bool],
+                  example_weights: Tensor | None = None) -> Grads:  # fmt: skip
     tk = _tk()
     need_x, need_A, need_B = needs
     grad_x = grad_A = grad_B = None
@@ -105,16 +99,8 @@ def _triton_grads(
     return grad_x, grad_A, grad_B
 
 
-def _reference_grads(
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    client_index: torch.Tensor,
-    scale: float,
-    grad_out: torch.Tensor,
-    h: torch.Tensor,
-    needs: tuple[bool, bool, bool],
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+def _reference_grads(x: Tensor, A: Tensor, B: Tensor, client_index: Tensor, scale: float, grad_out: Tensor,
+                     h: Tensor, needs: tuple[bool, bool, bool]) -> Grads:  # fmt: skip
     # Same math as reference.multi_lora_backward, reusing the forward's H and skipping unneeded outputs.
     need_x, need_A, need_B = needs
     idx = client_index.long()
@@ -167,13 +153,8 @@ class MultiLoRAFunction(torch.autograd.Function):
 
 
 def multi_lora(
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    client_index: torch.Tensor,
-    scale: float,
-    backend: Backend = "auto",
-) -> torch.Tensor:
+    x: Tensor, A: Tensor, B: Tensor, client_index: Tensor, scale: float, backend: Backend = "auto"
+) -> Tensor:
     """LoRA branch of K clients' adapters in one call: ``s · B_c (A_c x_n)`` with ``c = client_index[n]``.
 
     x (N, T, d) or (N, d); A (K, r, d); B (K, k, r); client_index (N,) int in [0, K). Returns (N, T, k) (or
@@ -184,16 +165,9 @@ def multi_lora(
     return MultiLoRAFunction.apply(x, A, B, client_index, scale, backend)
 
 
-def multi_lora_backward(
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    client_index: torch.Tensor,
-    scale: float,
-    grad_out: torch.Tensor,
-    example_weights: torch.Tensor | None = None,
-    backend: Backend = "auto",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def multi_lora_backward(x: Tensor, A: Tensor, B: Tensor, client_index: Tensor, scale: float, grad_out: Tensor,
+                        example_weights: Tensor | None = None,
+                        backend: Backend = "auto") -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``(grad_x (N,T,d), grad_A (K,r,d), grad_B (K,k,r))``; see :func:`reference.multi_lora_backward`."""
     if uses_triton(backend, x, A, B, grad_out, rank=A.shape[1]):
         _check_index(client_index, A.shape[0])
@@ -202,15 +176,8 @@ def multi_lora_backward(
     return ref.multi_lora_backward(x, A, B, client_index, scale, grad_out, example_weights)
 
 
-def per_sample_lora_grads(
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    client_index: torch.Tensor,
-    scale: float,
-    grad_out: torch.Tensor,
-    backend: Backend = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+def per_sample_lora_grads(x: Tensor, A: Tensor, B: Tensor, client_index: Tensor, scale: float, grad_out: Tensor,
+                          backend: Backend = "auto") -> tuple[Tensor, Tensor]:  # fmt: skip
     """Per-example ``(∇A_n (N, r, d), ∇B_n (N, k, r))``."""
     if not uses_triton(backend, x, A, B, grad_out, rank=A.shape[1]):
         return ref.per_sample_lora_grads(x, A, B, client_index, scale, grad_out)
@@ -223,16 +190,9 @@ def per_sample_lora_grads(
     return grad_A, grad_B
 
 
-def per_sample_grad_norms_sq(
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    client_index: torch.Tensor,
-    scale: float,
-    grad_out: torch.Tensor,
-    method: Literal["auto", "materialize", "gram"] = "auto",
-    backend: Backend = "auto",
-) -> torch.Tensor:
+def per_sample_grad_norms_sq(x: Tensor, A: Tensor, B: Tensor, client_index: Tensor, scale: float, grad_out: Tensor,
+                             method: Literal["auto", "materialize", "gram"] = "auto",
+                             backend: Backend = "auto") -> Tensor:  # fmt: skip
     """``‖∇A_n‖² + ‖∇B_n‖²`` (N,) float32 on Triton (input dtype on the reference).
 
     The Triton kernel materialises each per-sample gradient tile in registers only and writes one partial sum

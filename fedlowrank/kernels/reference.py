@@ -17,6 +17,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+Tensor = torch.Tensor
+
 __all__ = [
     "multi_lora_forward",
     "multi_lora_forward_segmented",
@@ -146,15 +148,8 @@ def multi_lora_forward_segmented(
     raise ValueError(f"unknown impl {impl!r}")
 
 
-def multi_lora_backward(
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    client_index: torch.Tensor,
-    scale: float,
-    grad_out: torch.Tensor,
-    example_weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def multi_lora_backward(x: Tensor, A: Tensor, B: Tensor, client_index: Tensor, scale: float, grad_out: Tensor,
+                        example_weights: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Gradients of ``<grad_out, multi_lora_forward(...)>``: ``(grad_x (N,T,d), grad_A (K,r,d), grad_B (K,k,r))``.
 
     Client c's ``grad_A``/``grad_B`` sum over its examples only; clients without examples get zeros.
@@ -171,15 +166,8 @@ def multi_lora_backward(
     return grad_x, grad_A, grad_B
 
 
-def _per_sample(
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    client_index: torch.Tensor,
-    scale: float,
-    grad_out: torch.Tensor,
-    need_grad_x: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _per_sample(x: Tensor, A: Tensor, B: Tensor, client_index: Tensor, scale: float, grad_out: Tensor,
+                need_grad_x: bool) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
     _check(x, A, B, client_index)
     Ag, Bg = _gather(A, B, client_index.long())
     h = torch.bmm(x, Ag.transpose(1, 2))  # H_n (N, T, r)
@@ -190,14 +178,8 @@ def _per_sample(
     return grad_A_i, grad_B_i, grad_x
 
 
-def per_sample_lora_grads(
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    client_index: torch.Tensor,
-    scale: float,
-    grad_out: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def per_sample_lora_grads(x: Tensor, A: Tensor, B: Tensor, client_index: Tensor, scale: float,
+                          grad_out: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Per-example gradients ``(∇A_n (N, r, d), ∇B_n (N, k, r))`` of the example's own adapter."""
     grad_A_i, grad_B_i, _ = _per_sample(x, A, B, client_index, scale, grad_out, need_grad_x=False)
     return grad_A_i, grad_B_i
@@ -208,15 +190,8 @@ def _gram_norm_sq(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (torch.bmm(p, p.transpose(1, 2)) * torch.bmm(q, q.transpose(1, 2))).sum(dim=(1, 2))
 
 
-def per_sample_grad_norms_sq(
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    client_index: torch.Tensor,
-    scale: float,
-    grad_out: torch.Tensor,
-    method: Literal["auto", "materialize", "gram"] = "auto",
-) -> torch.Tensor:
+def per_sample_grad_norms_sq(x: Tensor, A: Tensor, B: Tensor, client_index: Tensor, scale: float, grad_out: Tensor,
+                             method: Literal["auto", "materialize", "gram"] = "auto") -> Tensor:  # fmt: skip
     """``‖∇A_n‖² + ‖∇B_n‖²`` per example, shape (N,), for DP clipping.
 
     ``materialize`` forms ∇A_n, ∇B_n (T·r·(d+k) MACs and r·(d+k) floats per example); ``gram`` uses the ghost-norm

@@ -102,77 +102,64 @@ def _require_triton() -> None:
 if TRITON_AVAILABLE:
 
     @triton.jit
-    def _shrink_expand_kernel(
-        x_ptr,
-        a_ptr,
-        b_ptr,
-        idx_ptr,
-        y_ptr,
-        h_ptr,
-        T,
-        D_IN,
-        R,
-        D_OUT,
-        sxn,
-        sxt,
-        sxd,
-        sak,
-        sar,
-        sad,
-        sbk,
-        sbo,
-        sbr,
-        syn,
-        syt,
-        syo,
-        shn,
-        sht,
-        shr,
-        scale,
-        STORE_H: tl.constexpr,
-        DO_EXPAND: tl.constexpr,
-        BLOCK_T: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-        BLOCK_O: tl.constexpr,
-        R_PAD: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr,
-        DOT_UPCAST: tl.constexpr,
-    ):
+    def _load_tile(ptr, rows, row_stride, row_mask, cols, col_stride, col_mask):
+        """The (rows x cols) tile at ``ptr`` (strided), zeros outside the masks."""
+        offsets = rows[:, None] * row_stride + cols[None, :] * col_stride
+        return tl.load(ptr + offsets, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+
+    @triton.jit
+    def _store_tile(ptr, rows, row_stride, row_mask, cols, col_stride, col_mask, values):
+        """Write ``values`` (rows x cols, cast to ``ptr``'s type) at ``ptr`` (strided), inside the masks."""
+        offsets = rows[:, None] * row_stride + cols[None, :] * col_stride
+        tl.store(ptr + offsets, values.to(ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+    @triton.jit
+    def _block(start, BLOCK: tl.constexpr, limit):
+        """Offsets start .. start + BLOCK and which of them lie below ``limit``."""
+        offsets = start + tl.arange(0, BLOCK)
+        return offsets, offsets < limit
+
+    @triton.jit
+    def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+        """acc + a @ b, accumulating in float32 (half-precision inputs upcast first when asked)."""
+        if DOT_UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    @triton.jit
+    def _tiled_dot(acc, a_ptr, a_rows, a_row_stride, a_row_mask, a_k_stride, b_ptr, b_k_stride, b_cols, b_col_stride,
+                   b_col_mask, K, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   DOT_UPCAST: tl.constexpr):  # fmt: skip
+        """acc + A[rows, :K] @ B[:K, cols], the reduction over K walked in blocks of BLOCK_K."""
+        for k0 in range(0, K, BLOCK_K):
+            offs_k, k_mask = _block(k0, BLOCK_K, K)
+            a_tile = _load_tile(a_ptr, a_rows, a_row_stride, a_row_mask, offs_k, a_k_stride, k_mask)
+            b_tile = _load_tile(b_ptr, offs_k, b_k_stride, k_mask, b_cols, b_col_stride, b_col_mask)
+            acc = _dot(a_tile, b_tile, acc, INPUT_PRECISION, DOT_UPCAST)
+        return acc
+
+    @triton.jit
+    def _shrink_expand_kernel(x_ptr, a_ptr, b_ptr, idx_ptr, y_ptr, h_ptr, T, D_IN, R, D_OUT, sxn, sxt,
+                              sxd, sak, sar, sad, sbk, sbo, sbr, syn, syt, syo, shn, sht, shr, scale,
+                              STORE_H: tl.constexpr, DO_EXPAND: tl.constexpr, BLOCK_T: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, R_PAD: tl.constexpr,
+                              INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):  # fmt: skip
         # One program = one example x one tile of tokens; the rank-r intermediate never leaves registers.
         n = tl.program_id(0).to(tl.int64)
         pid_t = tl.program_id(1)
         c = tl.load(idx_ptr + n).to(tl.int64)
-        offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        offs_r = tl.arange(0, R_PAD)
-        t_mask = offs_t < T
-        r_mask = offs_r < R
+        offs_t, t_mask = _block(pid_t * BLOCK_T, BLOCK_T, T)
+        offs_r, r_mask = _block(0, R_PAD, R)
 
+        # h = x_n A_cᵀ: x_n's (token, d) tiles times A_cᵀ's (d, rank) tiles
         acc = tl.zeros((BLOCK_T, R_PAD), dtype=tl.float32)
-        for d0 in range(0, D_IN, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_mask = offs_d < D_IN
-            x_tile = tl.load(
-                x_ptr + n * sxn + offs_t[:, None] * sxt + offs_d[None, :] * sxd,
-                mask=t_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            # (BLOCK_D, R_PAD) tile of A_cᵀ
-            a_tile = tl.load(
-                a_ptr + c * sak + offs_r[None, :] * sar + offs_d[:, None] * sad,
-                mask=d_mask[:, None] & r_mask[None, :],
-                other=0.0,
-            )
-            if DOT_UPCAST:
-                x_tile = x_tile.to(tl.float32)
-                a_tile = a_tile.to(tl.float32)
-            acc = tl.dot(x_tile, a_tile, acc, input_precision=INPUT_PRECISION)
+        x_n, a_c = x_ptr + n * sxn, a_ptr + c * sak
+        acc = _tiled_dot(acc, x_n, offs_t, sxt, t_mask, sxd, a_c, sad, offs_r, sar, r_mask, D_IN, BLOCK_D,
+                         INPUT_PRECISION, DOT_UPCAST)  # fmt: skip
 
         if STORE_H:
-            tl.store(
-                h_ptr + n * shn + offs_t[:, None] * sht + offs_r[None, :] * shr,
-                acc.to(h_ptr.dtype.element_ty),
-                mask=t_mask[:, None] & r_mask[None, :],
-            )
+            _store_tile(h_ptr + n * shn, offs_t, sht, t_mask, offs_r, shr, r_mask, acc)
 
         if DO_EXPAND:
             # Round h to the adapter dtype like the reference's two-matmul chain does.
@@ -180,86 +167,38 @@ if TRITON_AVAILABLE:
             if DOT_UPCAST:
                 h = h.to(tl.float32)
             for o0 in range(0, D_OUT, BLOCK_O):
-                offs_o = o0 + tl.arange(0, BLOCK_O)
-                o_mask = offs_o < D_OUT
-                # (R_PAD, BLOCK_O) tile of B_cᵀ
-                b_tile = tl.load(
-                    b_ptr + c * sbk + offs_r[:, None] * sbr + offs_o[None, :] * sbo,
-                    mask=r_mask[:, None] & o_mask[None, :],
-                    other=0.0,
-                )
+                offs_o, o_mask = _block(o0, BLOCK_O, D_OUT)
+                # (R_PAD, BLOCK_O) of B_cᵀ
+                b_tile = _load_tile(b_ptr + c * sbk, offs_r, sbr, r_mask, offs_o, sbo, o_mask)
                 if DOT_UPCAST:
                     b_tile = b_tile.to(tl.float32)
                 y = tl.dot(h, b_tile, input_precision=INPUT_PRECISION) * scale
-                tl.store(
-                    y_ptr + n * syn + offs_t[:, None] * syt + offs_o[None, :] * syo,
-                    y.to(y_ptr.dtype.element_ty),
-                    mask=t_mask[:, None] & o_mask[None, :],
-                )
+                _store_tile(y_ptr + n * syn, offs_t, syt, t_mask, offs_o, syo, o_mask, y)
 
     @triton.jit
-    def _segment_outer_kernel(
-        p_ptr,
-        q_ptr,
-        perm_ptr,
-        seg_ptr,
-        w_ptr,
-        out_ptr,
-        T,
-        P,
-        Q,
-        spn,
-        spt,
-        spp,
-        sqn,
-        sqt,
-        sqq,
-        so0,
-        so1,
-        so2,
-        scale,
-        HAS_W: tl.constexpr,
-        NORM_ONLY: tl.constexpr,
-        BLOCK_T: tl.constexpr,
-        BLOCK_P: tl.constexpr,
-        BLOCK_Q: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr,
-        DOT_UPCAST: tl.constexpr,
-    ):
+    def _segment_outer_kernel(p_ptr, q_ptr, perm_ptr, seg_ptr, w_ptr, out_ptr, T, P, Q, spn, spt, spp,
+                              sqn, sqt, sqq, so0, so1, so2, scale, HAS_W: tl.constexpr,
+                              NORM_ONLY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+                              BLOCK_Q: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                              DOT_UPCAST: tl.constexpr):  # fmt: skip
         # One program = one segment x one (P, Q) output tile; it walks the segment's examples serially, so the
         # sum is deterministic and an empty segment writes zeros.
         j = tl.program_id(0).to(tl.int64)
         pid_p = tl.program_id(1)
         pid_q = tl.program_id(2)
-        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        p_mask = offs_p < P
-        q_mask = offs_q < Q
+        offs_p, p_mask = _block(pid_p * BLOCK_P, BLOCK_P, P)
+        offs_q, q_mask = _block(pid_q * BLOCK_Q, BLOCK_Q, Q)
         start = tl.load(seg_ptr + j)
         end = tl.load(seg_ptr + j + 1)
 
         acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
         for e in range(start, end):
             n = tl.load(perm_ptr + e).to(tl.int64)
+            # P_nᵀ Q_n: P_nᵀ's (p, token) tiles times Q_n's (token, q) tiles
             part = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-            for t0 in range(0, T, BLOCK_T):
-                offs_t = t0 + tl.arange(0, BLOCK_T)
-                t_mask = offs_t < T
-                # (BLOCK_P, BLOCK_T) tile of P_nᵀ and (BLOCK_T, BLOCK_Q) tile of Q_n
-                p_tile = tl.load(
-                    p_ptr + n * spn + offs_t[None, :] * spt + offs_p[:, None] * spp,
-                    mask=p_mask[:, None] & t_mask[None, :],
-                    other=0.0,
-                )
-                q_tile = tl.load(
-                    q_ptr + n * sqn + offs_t[:, None] * sqt + offs_q[None, :] * sqq,
-                    mask=t_mask[:, None] & q_mask[None, :],
-                    other=0.0,
-                )
-                if DOT_UPCAST:
-                    p_tile = p_tile.to(tl.float32)
-                    q_tile = q_tile.to(tl.float32)
-                part = tl.dot(p_tile, q_tile, part, input_precision=INPUT_PRECISION)
+            p_n, q_n = p_ptr + n * spn, q_ptr + n * sqn
+            part = _tiled_dot(part, p_n, offs_p, spp, p_mask, spt, q_n, sqt, offs_q, sqq, q_mask, T, BLOCK_T,
+                              INPUT_PRECISION, DOT_UPCAST)  # fmt: skip
             if HAS_W:
                 part = part * tl.load(w_ptr + n).to(tl.float32)
             acc += part
@@ -269,11 +208,7 @@ if TRITON_AVAILABLE:
             # Partial squared norm of this tile; masked rows/columns are exact zeros.
             tl.store(out_ptr + j * so0 + pid_p * so1 + pid_q * so2, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
         else:
-            tl.store(
-                out_ptr + j * so0 + offs_p[:, None] * so1 + offs_q[None, :] * so2,
-                acc.to(out_ptr.dtype.element_ty),
-                mask=p_mask[:, None] & q_mask[None, :],
-            )
+            _store_tile(out_ptr + j * so0, offs_p, so1, p_mask, offs_q, so2, q_mask, acc)
 
 
 def lora_shrink_expand(

@@ -15,6 +15,22 @@ import torch
 
 from fedlowrank.adapters import key_role
 
+__all__ = [
+    "FACTOR_SIDES",
+    "LORA_TRAINER",
+    "PROJECTED_FULL_WEIGHTS_TRAINER",
+    "PROJECTED_SUFFIX",
+    "EvaluateInstruction",
+    "EvaluateReply",
+    "MalformedMessage",
+    "MethodSpec",
+    "PrivacyReport",
+    "Refusal",
+    "TrainInstruction",
+    "TrainReply",
+    "a_checksum",
+]
+
 # Local trainers a method's clients can use (clients/trainers.py implements them). DP-SGD is not a trainer
 # kind: the run's [dp] settings turn the "lora" trainer private.
 LORA_TRAINER = "lora"  # the LoRA factors (and the head) with the run's optimizer

@@ -22,7 +22,8 @@ import torch
 from fedlowrank.adapters import lora_factors
 from fedlowrank.config import ConfigError, RunConfig
 from fedlowrank.fed_galore import projected_average, projected_upload_bytes, round_projectors
-from fedlowrank.galore_setup import check_fed_galore_rank, fed_galore_modules, module_matches
+from fedlowrank.galore import module_matches
+from fedlowrank.galore_setup import check_fed_galore_rank, fed_galore_modules
 from fedlowrank.projectors import Projector
 from fedlowrank.protocol import PROJECTED_FULL_WEIGHTS_TRAINER, PROJECTED_SUFFIX
 from strategies.method import MethodOptions, MethodSpec, RoundInput, ServerUpdate, derived, register_method
