@@ -213,14 +213,14 @@ def centralized(config, args: argparse.Namespace) -> tuple[float, int, dict]:
     pooled.local_steps = max(1, -(-examples // pooled.batch_size))
     workspace.config = dataclasses.replace(config, train=pooled)  # its train loader batches K·b
     loader = workspace.train_loader(seed=0)
-    from fedlowrank.engine import ClientJob, train_batched
+    from fedlowrank.engine import ClientJob, PlainData, train_batched
 
     def plain() -> None:  # train_local: each batch of K·b padded to its longest example
         load_adapter_state(workspace.model, workspace.initial_state)
         train_local(workspace.model, loader, pooled)
 
     def chunked() -> None:  # the same batches through length-sorted token chunks (gradient accumulation)
-        job = ClientJob(workspace.initial_state, loader, 0)
+        job = ClientJob(workspace.initial_state, PlainData(loader), 0)
         train_batched(workspace.model, [job], pooled, max_tokens=resolved_max_tokens(config))
 
     best = {}
@@ -238,7 +238,7 @@ def centralized(config, args: argparse.Namespace) -> tuple[float, int, dict]:
 
 
 def resolved_max_tokens(config) -> int:
-    from clients.client_app import engine_max_tokens
+    from clients.trainers import engine_max_tokens
 
     return engine_max_tokens(config)
 

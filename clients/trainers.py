@@ -24,6 +24,7 @@ import torch
 
 from clients.node import ClientNode
 from fedlowrank.adapters import adapter_state, restrict_rank, set_trainable
+from fedlowrank.config import RunConfig
 from fedlowrank.engine import PlainData, PrivateData
 from fedlowrank.galore_setup import fed_galore_client_train, fed_galore_modules
 from fedlowrank.models import pick_device
@@ -232,10 +233,10 @@ def train_one(trainer: LoRATrainer, node: ClientNode, instruction: TrainInstruct
     return trainer.finish(prepared, local, time.perf_counter() - started)
 
 
-def engine_max_tokens(node: ClientNode) -> int:
+def engine_max_tokens(config: RunConfig) -> int:
     """The batched engine's chunk size in padded tokens: ``engine-max-tokens``, or by device when 0 (small
     chunks stay in a CPU's caches: 4,096 tokens ran 4-5x faster than one pass of 60k on 2 cores; a GPU
     wants large ones)."""
-    if node.config.engine_max_tokens > 0:
-        return node.config.engine_max_tokens
-    return 32768 if pick_device(node.config.device).type == "cuda" else 4096
+    if config.engine_max_tokens > 0:
+        return config.engine_max_tokens
+    return 32768 if pick_device(config.device).type == "cuda" else 4096

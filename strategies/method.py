@@ -159,6 +159,7 @@ class RoundInput:
     uploads: list[dict[str, torch.Tensor]] = field(default_factory=list)  # as sent (head, projected updates, ...)
     seed: int = 0  # the run seed: randomness every peer can re-derive (FLoRA's fresh A, a round's basis)
     scale: float = 1.0  # s = α/r (α/√r with rsLoRA): a layer's weight is W0 + s·B·A
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # what this method kept from its last round
 
 
 @dataclass
@@ -168,6 +169,9 @@ class ServerUpdate:
     # FLoRA's merge s·M*, federated GaLore's averaged update.
     fold: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)  # method-specific figures for metrics.jsonl
+    # The method's server state for the next round (momentum buffers, ...); None: keep the current state. It is
+    # checkpointed with the run, so a stateful method stays a pure function: state in, state out.
+    state: dict[str, torch.Tensor] | None = None
 
 
 # ---- the definition and its registration ---------------------------------------------------------------------------

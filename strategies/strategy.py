@@ -137,6 +137,7 @@ class LoRAStrategy(Strategy):
         self.privacy: UpdatePrivacy = privacy if privacy is not None else NoUserDP()
         self.global_state = {k: v.clone() for k, v in initial_state.items()}
         self.folded: dict[str, torch.Tensor] = {}  # Σ of folded ΔW per layer, float64, weight units
+        self.method_state: dict[str, torch.Tensor] = {}  # what the method keeps between rounds (ServerUpdate.state)
 
     @classmethod
     def for_method(
@@ -274,6 +275,7 @@ class LoRAStrategy(Strategy):
             uploads=updates.uploads,
             seed=self.seed,
             scale=self.scale,
+            state=dict(self.method_state),
         )
         update = self.method.server_update(inputs)
         metrics = dict(updates.metrics)
@@ -292,6 +294,8 @@ class LoRAStrategy(Strategy):
             self.global_state[key] = weighted_average([upload[key] for upload in updates.uploads], updates.weights)
         for layer, fold in update.fold.items():
             self.folded[layer] = self.folded.get(layer, 0) + fold.to(torch.float64)
+        if update.state is not None:
+            self.method_state = dict(update.state)
 
     def _bias(
         self,

@@ -207,3 +207,25 @@ def test_ffa_with_vera_freezes_and_checks_the_shared_side(tiny_config):
     summary = run_inprocess(tiny_config(strategy="ffa", name="ffa-vera", **{"lora.adapter": "vera", "lora.r": 16}))
     rows = read_metrics(summary["run_dir"])
     assert all(row["clients_rejected"] == 0 for row in rows)
+
+
+def test_a_stateful_method_gets_back_the_state_it_returned():
+    """``ServerUpdate.state`` comes back as the next round's ``RoundInput.state`` (a method stays a pure function)."""
+    from strategies.method import MethodDefinition, MethodSpec, NoOptions, ServerUpdate
+    from strategies.registry import ResolvedMethod
+    from strategies.strategy import Sampling
+
+    seen = []
+
+    def counting(inputs, options):
+        seen.append({k: v.clone() for k, v in inputs.state.items()})
+        count = inputs.state.get("rounds", torch.zeros(1)) + 1
+        return ServerUpdate(factors=dict(inputs.previous), state={"rounds": count})
+
+    method = ResolvedMethod(MethodDefinition("probe", MethodSpec(), counting), NoOptions(), MethodSpec())
+    initial = factor_state({"l0": LayerFactors(A=torch.ones(2, 6), B=torch.zeros(5, 2))})
+    strategy = LoRAStrategy(method, initial, scale=1.0, sampling=Sampling(1.0, 1.0, 1))
+    for server_round in (1, 2, 3):
+        strategy.train_round(server_round, [_reply(dict(initial), 10, 1)])
+    assert [s.get("rounds") for s in seen] == [None, torch.ones(1), 2 * torch.ones(1)]
+    assert torch.equal(strategy.method_state["rounds"], torch.tensor([3.0]))
