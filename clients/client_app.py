@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from clients.node import ClientNode
 from clients.trainers import LocalResult, PreparedRound, engine_max_tokens, train_one, trainer_for
 from fedlowrank.adapters import adapter_state
+from fedlowrank.checkpoint import crash_point
 from fedlowrank.config import RunConfig
 from fedlowrank.protocol import EvaluateReply, Refusal, TrainReply
 from fedlowrank.protocol import flower as wire
@@ -30,16 +31,17 @@ def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        node = ClientNode(context, bound_config)
         instruction = wire.decode_train_instruction(message.content)
+        node = ClientNode(context, bound_config, instruction.server_round, instruction.server_round - 1)
         reply = train_one(trainer_for(node, instruction), node, instruction)
+        crash_point(f"trained-{node.partition_id}-round-{instruction.server_round}")  # a test hook (kill -9 here)
         return Message(wire.encode_reply(reply), reply_to=message)
 
     @app.evaluate()
     def evaluate_on_validation(message: Message, context: Context) -> Message:
         """The model this client would use (global, or with its own parts) on its validation split."""
-        node = ClientNode(context, bound_config)
         instruction = wire.decode_evaluate_instruction(message.content)
+        node = ClientNode(context, bound_config, instruction.server_round, instruction.server_round)
         node.load(instruction.state, instruction.spec)
         workspace, num_labels = node.workspace, node.workspace.task.num_labels
         result = evaluate(node.model, workspace.client_validation_loader(node.partition_id), num_labels)
@@ -73,8 +75,8 @@ def train_batch(messages: list[Message], contexts: list[Context], bound: RunConf
     jobs: dict[int, ClientJob] = {}
     trainer = None
     for index, (message, context) in enumerate(zip(messages, contexts, strict=True)):
-        node = ClientNode(context, bound)
         instruction = wire.decode_train_instruction(message.content)
+        node = ClientNode(context, bound, instruction.server_round, instruction.server_round - 1)
         trainer = trainer or trainer_for(node, instruction)
         outcome = trainer.prepare(node, instruction)  # sets the shared model to this client's start
         if isinstance(outcome, Refusal):

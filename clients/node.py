@@ -7,6 +7,8 @@ instruction's method spec says. It knows no method by name.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from flwr.app import Context
 
@@ -29,7 +31,13 @@ LAST_TRAINED_A = "last-trained-a"  # the A it trained last, for the personalisat
 
 
 def resolve_config(context: Context, bound: RunConfig | None) -> RunConfig:
-    return bound if bound is not None else RunConfig.from_flat(dict(context.run_config))
+    """The run config: bound in-process, else the submitted run config with this node's own data location (its
+    ``--node-config`` ``data-dir``, or ``$FEDLOWRANK_DATA`` on the node): a node never reads a path the submitter
+    sent."""
+    if bound is not None:
+        return bound
+    config = RunConfig.from_flat(dict(context.run_config))
+    return replace(config, data_dir=str(context.node_config.get("data-dir", "")))
 
 
 def partition_id(context: Context, config: RunConfig) -> int:
@@ -51,12 +59,23 @@ def client_seed(config: RunConfig, server_round: int, pid: int) -> int:
 
 
 class ClientNode:
-    def __init__(self, context: Context, bound: RunConfig | None) -> None:
+    """``server_round`` and ``reading_upto``: the state this message may read is the newest saved up to
+    ``reading_upto`` (a round's training: the rounds before it; its evaluation: that round too), and what it
+    saves is ``server_round``'s (see ``fedlowrank.state``)."""
+
+    def __init__(self, context: Context, bound: RunConfig | None, server_round: int, reading_upto: int) -> None:
         self.config = resolve_config(context, bound)
-        self.workspace: Workspace = get_workspace(self.config)
         self.partition_id = partition_id(context, self.config)
-        self.store = state_store(self.config, context)
+        self.store = state_store(self.config, context, in_process=bound is not None)
+        self.workspace: Workspace = get_workspace(self.config)
         self.key = str(self.partition_id)
+        self.server_round, self.reading_upto = server_round, reading_upto
+
+    def load_state(self, name: str) -> dict[str, torch.Tensor] | None:
+        return self.store.load(self.key, name, self.reading_upto)
+
+    def save_state(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.store.save(self.key, name, tensors, self.server_round)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -74,15 +93,15 @@ class ClientNode:
         for the first time keeps nothing yet: B = 0 and the initial head, from the initial adapter)."""
         self.workspace.load_global(state)
         if spec.kept_roles():
-            own = self.store.load(self.key, LOCAL_ADAPTER)
+            own = self.load_state(LOCAL_ADAPTER)
             if own is not None:
                 load_adapter_state(self.model, own, strict=False)
 
     def keep(self, state: dict[str, torch.Tensor], spec: MethodSpec) -> None:
         """Store what this client keeps between rounds (and the A it trained, for the personalisation gap)."""
         if spec.kept_roles():
-            self.store.save(self.key, LOCAL_ADAPTER, select_roles(state, *spec.kept_roles()))
-            self.store.save(self.key, LAST_TRAINED_A, select_roles(state, "A"))
+            self.save_state(LOCAL_ADAPTER, select_roles(state, *spec.kept_roles()))
+            self.save_state(LAST_TRAINED_A, select_roles(state, "A"))
 
     def upload(self, state: dict[str, torch.Tensor], spec: MethodSpec) -> dict[str, torch.Tensor]:
         """What goes up: the spec's sides, the leading r_k components for a rank-r_k client."""
@@ -90,8 +109,8 @@ class ClientNode:
 
     def personalization_gap(self) -> float:
         """Mean over layers of ‖B_k Ā − B_k A_k‖ / ‖B_k A_k‖ (0 before this client has trained; NaN for VeRA)."""
-        own = self.store.load(self.key, LOCAL_ADAPTER)
-        trained_a = self.store.load(self.key, LAST_TRAINED_A)
+        own = self.load_state(LOCAL_ADAPTER)
+        trained_a = self.load_state(LAST_TRAINED_A)
         if own is None or trained_a is None:
             return 0.0
         current = lora_factors(adapter_state(self.model))

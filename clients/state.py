@@ -1,6 +1,10 @@
-"""Where a client keeps what it carries between rounds (its own B, its DP accountant): Flower's
-``Context.state`` (in simulation and on a SuperNode), or one safetensors file per client and item on disk
-(``fedlowrank.state.DiskStateStore``) for many simulated clients or state that must survive a restart."""
+"""Where a client keeps what it carries between rounds (its own B, its DP accountant), versioned by round
+(``fedlowrank.state``): Flower's ``Context.state`` (in memory, on the node: lost if the node restarts), or one
+safetensors file per client, item and version on disk (``DiskStateStore``), which survives restarts.
+
+The folder is the node's own: ``state-dir`` in the SuperNode's ``--node-config`` (an in-process simulation sets
+it for its virtual nodes). A path in the run config that the submitter sends is used only in-process.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,11 @@ from pathlib import Path
 import torch
 from flwr.app import Context
 
-from fedlowrank.config import RunConfig
+from fedlowrank.config import ConfigError, RunConfig
 from fedlowrank.protocol.flower import record_to_state, state_to_record
-from fedlowrank.state import ClientStateStore, DiskStateStore
+from fedlowrank.state import ClientStateStore, DiskStateStore, newest_upto, stale, versioned
 
-DISK_STATE_ABOVE = 256  # "auto" keeps state in Context.state up to this many clients
+PREFIX = "fedlowrank."
 
 
 class ContextStateStore:
@@ -22,18 +26,32 @@ class ContextStateStore:
     def __init__(self, context: Context) -> None:
         self.context = context
 
-    def load(self, client: str, name: str) -> dict[str, torch.Tensor] | None:
-        record = self.context.state.array_records.get(f"fedlowrank.{name}")
-        return None if record is None else record_to_state(record)
+    def _entries(self) -> list[str]:
+        return [key[len(PREFIX) :] for key in self.context.state.array_records if key.startswith(PREFIX)]
 
-    def save(self, client: str, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        self.context.state[f"fedlowrank.{name}"] = state_to_record(tensors)
+    def load(self, client: str, name: str, upto: int) -> dict[str, torch.Tensor] | None:
+        entry = newest_upto(self._entries(), name, upto)
+        return None if entry is None else record_to_state(self.context.state.array_records[PREFIX + entry])
+
+    def save(self, client: str, name: str, tensors: dict[str, torch.Tensor], version: int) -> None:
+        self.context.state[PREFIX + versioned(name, version)] = state_to_record(tensors)
+        for old in stale(self._entries(), name, version):
+            del self.context.state[PREFIX + old]
 
 
-def state_store(config: RunConfig, context: Context) -> ClientStateStore:
-    kind = config.client_state
-    if kind == "auto":
-        kind = "disk" if config.num_clients > DISK_STATE_ABOVE else "context"
-    if kind == "disk":
+def state_store(config: RunConfig, context: Context, in_process: bool) -> ClientStateStore:
+    """The node's ``state-dir`` (a disk store), else Flower's Context.state. ``client-state = "disk"`` needs a
+    folder: the node's, or, in-process, ``client-state-dir`` (default ``<output-dir>/<name>/client-state``)."""
+    node_dir = str(context.node_config.get("state-dir", ""))
+    if config.client_state == "context":
+        return ContextStateStore(context)
+    if node_dir:
+        return DiskStateStore(node_dir)
+    if config.client_state == "disk":
+        if not in_process:
+            raise ConfigError(
+                "client-state = 'disk' needs a folder on this node: start the SuperNode with --node-config "
+                "\"state-dir='/path/on/the/node'\" (a path in the run config is not used on a node)"
+            )
         return DiskStateStore(config.client_state_dir or str(Path(config.output_dir) / config.name / "client-state"))
     return ContextStateStore(context)

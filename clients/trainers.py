@@ -16,6 +16,7 @@ the method's spec (its ``trainer`` kind) and the run's privacy settings:
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,20 @@ class LocalResult:
     uploads: dict[str, torch.Tensor] = field(default_factory=dict)  # beyond the adapter (projected updates)
 
 
+class ClientDivergedError(RuntimeError):
+    """Local training produced a non-finite loss or weights: the client reports a failure, not an update."""
+
+
+def check_converged(local: LocalResult) -> None:
+    tensors = {**local.state, **local.uploads}
+    bad = sorted(key for key, value in tensors.items() if not bool(torch.isfinite(value).all()))
+    if bad or not math.isfinite(local.result.loss):
+        raise ClientDivergedError(
+            f"local training diverged (loss {local.result.loss}, {len(bad)} non-finite tensor(s)): nothing is "
+            "uploaded or kept; a smaller train.lr (or train.max-grad-norm) usually fixes it"
+        )
+
+
 class LoRATrainer:
     """The LoRA factors the spec trains (and the head), with the run's optimizer."""
 
@@ -96,6 +111,7 @@ class LoRATrainer:
 
     def finish(self, prepared: PreparedRound, local: LocalResult, elapsed: float) -> TrainReply:
         node, spec = prepared.node, prepared.instruction.spec
+        check_converged(local)  # before anything is kept: a diverged client fails the round, it sends nothing
         node.keep(local.state, spec)
         result: TrainResult = local.result
         return TrainReply(
@@ -132,7 +148,7 @@ class PrivateLoRATrainer(LoRATrainer):
     def _plan(node: ClientNode) -> tuple[ClientDPPlan, PrivacyAccountant]:
         """This client's σ plan (fixed at its first round) and its accountant, from its persistent state."""
         config = node.config
-        saved = node.store.load(node.key, DP_STATE) or {}
+        saved = node.load_state(DP_STATE) or {}
         accountant = PrivacyAccountant.from_tensor(saved.get("history"), config.dp.accountant)
         plan = plan_client(
             dataset_size=len(node.workspace.client_train_dataset(node.partition_id)),
@@ -177,7 +193,7 @@ class PrivateLoRATrainer(LoRATrainer):
         """Persist the stepped accountant (never reset) and report the round's privacy."""
         node, plan, accountant = prepared.node, prepared.plan, prepared.accountant
         assert plan is not None and accountant is not None
-        node.store.save(node.key, DP_STATE, {"history": accountant.to_tensor(), "plan": plan.as_tensor()})
+        node.save_state(DP_STATE, {"history": accountant.to_tensor(), "plan": plan.as_tensor()})
         result = local.result
         return PrivacyReport(
             epsilon=result.epsilon,

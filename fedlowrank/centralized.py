@@ -10,17 +10,20 @@ import time
 from typing import Any
 
 from fedlowrank.adapters import count_parameters
-from fedlowrank.config import RunConfig
+from fedlowrank.config import ConfigError, RunConfig
 from fedlowrank.galore_setup import check_galore_on_lora_factors, lora_base_weights, set_base_trainable
 from fedlowrank.progress import Reporter
-from fedlowrank.report import RunRecorder, plot_run, read_metrics
+from fedlowrank.report import RunRecorder, check_run_dir, plot_run, read_metrics
 from fedlowrank.runtime import get_workspace
 from fedlowrank.training import evaluate, train_local
 
 
 def train_centralized(config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     reporter = reporter or Reporter()
+    if config.resume:
+        raise ConfigError("centralized training cannot resume: rerun it (with --overwrite to replace the old run)")
     check_galore_on_lora_factors(config)
+    check_run_dir(config)  # before the model loads
     workspace = get_workspace(config)
     workspace.load_global({})  # start from the initial adapter and base weights, whatever ran before
     # galore.train-modules: these base weights train in full too (the optimizer decides how).

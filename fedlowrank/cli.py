@@ -35,6 +35,13 @@ DataDirOption = Annotated[
     str | None, typer.Option("--data-dir", help="Folder with local datasets (default: $FEDLOWRANK_DATA).")
 ]
 NameOption = Annotated[str | None, typer.Option("--name", help="Run name: output goes to <output-dir>/<name>/.")]
+ResumeOption = Annotated[
+    Path | None,
+    typer.Option("--resume", help="Continue the run in this folder (runs/<name>) from its last checkpoint."),
+]
+OverwriteOption = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an existing run of the same name (deleted first).")
+]
 
 
 def load_config(
@@ -51,6 +58,16 @@ def load_config(
             return RunConfig.from_toml(default, extra)
         return RunConfig.from_flat(parse_overrides(extra))
     return RunConfig.from_toml(config_path, extra)
+
+
+def resumed_config(run_dir: Path, overrides: list[str] | None) -> RunConfig:
+    """The saved config of the run in ``run_dir``, to continue it (``--set`` may change e.g. num-rounds)."""
+    saved = run_dir / "config.toml"
+    if not saved.is_file():
+        raise ConfigError(f"nothing to resume in {run_dir}: it holds no run (no config.toml)")
+    config = RunConfig.from_toml(saved, [*(overrides or []), "resume=true", "overwrite=false"])
+    config.output_dir, config.name = str(run_dir.parent), run_dir.name
+    return config
 
 
 def _toml_string(text: str) -> str:
@@ -73,6 +90,11 @@ def user_errors(*extra: type[Exception]) -> Iterator[None]:
         yield
     except (ConfigError, DataError, ModelNotFoundError, AdapterConfigError, *extra) as exc:
         _fail(str(exc))
+    except RuntimeError as exc:  # the federation could not go on (FederationError): its message, exit code 1
+        if type(exc).__name__ != "FederationError":
+            raise
+        console.print(f"[bold red]stopped:[/] {exc}")
+        raise typer.Exit(code=1) from exc
 
 
 def _quiet_libraries(flower: bool = True) -> None:
@@ -102,10 +124,24 @@ def _execute(
 
 @app.command()
 def simulate(
-    config: ConfigOption = None, set_: SetOption = None, data_dir: DataDirOption = None, name: NameOption = None
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    data_dir: DataDirOption = None,
+    name: NameOption = None,
+    resume: ResumeOption = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Run a federated simulation in this process (Flower strategies and ClientApp, no Ray)."""
-    _execute(config, set_, data_dir, name, _simulate)
+    from fedlowrank.progress import RichReporter
+
+    with user_errors():
+        if resume is not None:
+            run_config = resumed_config(resume, set_)
+        else:
+            run_config = load_config(
+                config, [*(set_ or []), *(["overwrite=true"] if overwrite else [])], data_dir, name
+            )
+        _simulate(run_config, RichReporter(console))
 
 
 def _simulate(run_config: RunConfig, reporter: Any) -> None:
@@ -120,10 +156,15 @@ def _simulate(run_config: RunConfig, reporter: Any) -> None:
 
 @app.command()
 def train(
-    config: ConfigOption = None, set_: SetOption = None, data_dir: DataDirOption = None, name: NameOption = None
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    data_dir: DataDirOption = None,
+    name: NameOption = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Centralized LoRA fine-tuning on the whole training set (the upper bound for federated runs)."""
-    _execute(config, set_, data_dir, name, lambda run_config, reporter: _train(run_config, reporter, name is None))
+    overrides = [*(set_ or []), *(["overwrite=true"] if overwrite else [])]
+    _execute(config, overrides, data_dir, name, lambda run_config, reporter: _train(run_config, reporter, name is None))
 
 
 def _train(run_config: RunConfig, reporter: Any, default_name: bool) -> None:

@@ -208,6 +208,29 @@ class GaLoreSettings:
 
 
 @dataclass
+class ServerSettings:
+    """How the server treats nodes and replies: waits, timeouts, and which replies it accepts."""
+
+    min_available: int = setting(
+        1,
+        "a round waits node-wait-seconds for all num-clients nodes, then goes on if at least this many are connected "
+        "(and stops, resumable, if not); a round with fewer replies is retried once, then the run stops",
+        minimum=1,
+    )
+    min_valid_replies: int = setting(
+        1, "fewer valid train replies than this: the round keeps the previous global model", minimum=1
+    )
+    max_update_norm: float = setting(
+        0.0, "reject a client whose update (upload minus global) has a larger L2 norm (0: no bound)", minimum=0
+    )
+    train_timeout: float = setting(
+        0.0,
+        "seconds a round waits for replies (0: no limit); a client that has not replied counts as failed",
+        minimum=0,
+    )
+
+
+@dataclass
 class RunConfig:
     name: str = setting("default", "run name: output goes to <output-dir>/<name>/")
     strategy: str = setting("", "the aggregation method (`fedlowrank keys` lists them; empty: the default method)")
@@ -247,18 +270,25 @@ class RunConfig:
     )
     client_state: str = setting(
         "auto",
-        "where clients keep state between rounds: 'context' (Flower's Context.state), 'disk', 'auto' (disk past 256)",
+        "where clients keep state between rounds: 'context' (Flower's Context.state, in memory), 'disk', or 'auto' "
+        "(disk where the node has a state-dir, which fedlowrank simulate gives every virtual node)",
         choices=("auto", "context", "disk"),
     )
-    client_state_dir: str = setting("", "folder of the disk state store (default: <output-dir>/<name>/client-state)")
+    client_state_dir: str = setting(
+        "", "in-process runs: folder of the disk state store (default <output-dir>/<name>/client-state)"
+    )
     method_modules: list[str] = setting(
         [], "extra modules (import names or .py paths) that register methods, e.g. your own method's file"
     )
+    trust_remote_code: bool = setting(False, "let transformers run code shipped with a hub model (off: never)")
+    resume: bool = setting(False, "continue the run in <output-dir>/<name>/ from its last checkpoint")
+    overwrite: bool = setting(False, "replace an existing run in <output-dir>/<name>/ (otherwise it is refused)")
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     dp: DPSettings = field(default_factory=DPSettings)
     galore: GaLoreSettings = field(default_factory=GaLoreSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
     # ``method.<method>.<option>`` values as given; typed and checked by the method registry.
     method: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -341,6 +371,11 @@ class RunConfig:
         need(
             not (self.dp.sample_level and self.lora.adapter != "lora"),
             "DP-SGD supports lora.adapter = 'lora' only (not VeRA) for now",
+        )
+        need(not (self.resume and self.overwrite), "resume and overwrite exclude each other: pick one")
+        need(
+            self.server.min_available <= self.num_clients,
+            f"server.min-available={self.server.min_available} exceeds num-clients={self.num_clients}",
         )
         need(
             not self.dp.user_level or self.weighting == "uniform",

@@ -52,11 +52,13 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def _hub_kwargs(path: str) -> dict:
-    """Offline, look only in the local Hugging Face cache: fails at once instead of retrying."""
-    if Path(path).exists() or hub_reachable():
-        return {}
-    return {"local_files_only": True}
+def _hub_kwargs(path: str, trust_remote_code: bool = False) -> dict:
+    """Offline, look only in the local Hugging Face cache: fails at once instead of retrying. Code shipped with a
+    model never runs unless the run asks for it (``trust-remote-code``)."""
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
+    if not (Path(path).exists() or hub_reachable()):
+        kwargs["local_files_only"] = True
+    return kwargs
 
 
 def _not_found_message(name: str, exc: Exception, files: str = "") -> str:
@@ -74,10 +76,10 @@ def _not_found_message(name: str, exc: Exception, files: str = "") -> str:
     )
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     path = resolve_model_path(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(path))
+        tokenizer = AutoTokenizer.from_pretrained(path, **_hub_kwargs(path, trust_remote_code))
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(_not_found_message(name_or_path, exc)) from exc
     if tokenizer.pad_token is None:
@@ -89,18 +91,22 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 IMAGE_PROCESSOR_FILES = "preprocessor_config.json, the image processor's settings"
 
 
-def load_image_processor(name_or_path: str) -> ImageProcessingMixin:
+def load_image_processor(name_or_path: str, trust_remote_code: bool = False) -> ImageProcessingMixin:
     """The model's image processor (resize, rescale, normalize to ``pixel_values``), e.g. ViT's."""
     path = resolve_model_path(name_or_path)
     try:
-        return AutoImageProcessor.from_pretrained(path, **_hub_kwargs(path))
+        return AutoImageProcessor.from_pretrained(path, **_hub_kwargs(path, trust_remote_code))
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(_not_found_message(name_or_path, exc, IMAGE_PROCESSOR_FILES)) from exc
 
 
-def load_preprocessor(name_or_path: str, task: str = "seq-cls") -> PreTrainedTokenizerBase | ImageProcessingMixin:
+def load_preprocessor(
+    name_or_path: str, task: str = "seq-cls", trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase | ImageProcessingMixin:
     """What turns raw examples into model inputs: the image processor for "image-cls", else the tokenizer."""
-    return load_image_processor(name_or_path) if task == "image-cls" else load_tokenizer(name_or_path)
+    if task == "image-cls":
+        return load_image_processor(name_or_path, trust_remote_code)
+    return load_tokenizer(name_or_path, trust_remote_code)
 
 
 def load_model(
@@ -109,6 +115,7 @@ def load_model(
     num_labels: int | None = None,
     label_names: list[str] | None = None,
     device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """Load a pretrained model for ``task`` ("seq-cls", "image-cls" or "causal-lm"), move it to ``device``.
 
@@ -119,7 +126,8 @@ def load_model(
     path = resolve_model_path(name_or_path)
     files = IMAGE_PROCESSOR_FILES if task == "image-cls" else ""
     try:
-        config = AutoConfig.from_pretrained(path, **_hub_kwargs(path))
+        hub = _hub_kwargs(path, trust_remote_code)
+        config = AutoConfig.from_pretrained(path, **hub)
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(_not_found_message(name_or_path, exc, files)) from exc
     verbosity = hf_logging.get_verbosity()
@@ -136,14 +144,14 @@ def load_model(
                 kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
             if task == "image-cls":
                 model = AutoModelForImageClassification.from_pretrained(
-                    path, **kwargs, ignore_mismatched_sizes=True, **_hub_kwargs(path)
+                    path, **kwargs, ignore_mismatched_sizes=True, **hub
                 )
             else:
-                model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs, **_hub_kwargs(path))
+                model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs, **hub)
                 if model.config.pad_token_id is None:
                     model.config.pad_token_id = config.eos_token_id
         elif task == "causal-lm":
-            model = AutoModelForCausalLM.from_pretrained(path, **_hub_kwargs(path))
+            model = AutoModelForCausalLM.from_pretrained(path, **hub)
         else:
             raise ValueError(f"unknown task {task!r}; use 'seq-cls', 'image-cls' or 'causal-lm'")
     except OSError as exc:

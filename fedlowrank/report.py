@@ -4,11 +4,43 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fedlowrank.config import RunConfig
+from fedlowrank.checkpoint import write_atomic
+from fedlowrank.config import ConfigError, RunConfig
+
+
+class RunExistsError(ConfigError):
+    """A run would write into a folder that already holds one (and was not asked to resume or replace it)."""
+
+
+def run_dir_of(config: RunConfig) -> Path:
+    return Path(config.output_dir) / config.name
+
+
+def check_run_dir(config: RunConfig) -> Path:
+    """Before anything loads: the run folder can be written, and holds no other run unless ``resume`` (then it
+    must hold one) or ``overwrite`` says what to do with it."""
+    run_dir = run_dir_of(config)
+    for parent in (run_dir, *run_dir.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"output path {parent} is a file, not a folder: choose another output-dir or --name")
+    held = run_dir.is_dir() and any(run_dir.iterdir())
+    if config.resume and not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"nothing to resume in {run_dir}: it holds no run (no config.toml)")
+    if held and not (config.resume or config.overwrite):
+        finished = (run_dir / "summary.json").is_file()
+        state = "a finished run" if finished else "an unfinished run"
+        raise RunExistsError(
+            f"{run_dir} already holds {state}. Pass --resume to continue it from its last checkpoint, --overwrite "
+            "to replace it (its metrics, adapter and client state are deleted), or --name for a new run."
+        )
+    return run_dir
 
 
 class RunRecorder:
@@ -20,14 +52,16 @@ class RunRecorder:
         self.started = time.perf_counter()
 
     @classmethod
-    def create(cls, config: RunConfig, overwrite: bool = True) -> RunRecorder:
-        run_dir = Path(config.output_dir) / config.name
+    def create(cls, config: RunConfig) -> RunRecorder:
+        """A new run's folder (replacing an old run only with ``overwrite``), or, with ``resume``, the existing one."""
+        run_dir = check_run_dir(config)
+        if config.overwrite and run_dir.is_dir():
+            shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        recorder = cls(run_dir)
-        if overwrite and recorder.metrics_path.exists():
-            recorder.metrics_path.unlink()
-        (run_dir / "config.toml").write_text(config.to_toml())
-        return recorder
+        if not config.resume:
+            written = replace(config, overwrite=False)
+            write_atomic(run_dir / "config.toml", lambda target: target.write_text(written.to_toml()))
+        return cls(run_dir)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -35,24 +69,55 @@ class RunRecorder:
     def log(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(_jsonable(row)) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def keep_rounds(self, last_round: int) -> None:
+        """Drop metric rows of rounds after ``last_round`` (a round that ran past the checkpoint a resume starts
+        from is run again and logged again)."""
+        if not self.metrics_path.is_file():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        kept = [line for line in kept if json.loads(line).get("round", 0) <= last_round]
+        write_atomic(self.metrics_path, lambda target: target.write_text("".join(f"{line}\n" for line in kept)))
 
     def save_adapter(self, model: Any, preprocessor: Any, base_residuals: dict[str, Any] | None = None) -> Path:
         """``adapter/``: a standard peft adapter folder with the tokenizer (or image processor), plus
-        ``base_residuals.safetensors`` (W − W0 per layer) when the frozen weights changed too."""
-        adapter_dir = self.run_dir / "adapter"
-        adapter_dir.mkdir(parents=True, exist_ok=True)
-        if base_residuals:
-            from safetensors.torch import save_file
+        ``base_residuals.safetensors`` (W − W0 per layer) when the frozen weights changed too. Written to a
+        temporary folder, then moved in file by file (each move atomic): a crash leaves the previous adapter
+        or the new one, and a non-finite model is never saved."""
+        from safetensors.torch import save_file
 
-            save_file(base_residuals, str(adapter_dir / "base_residuals.safetensors"))
-        model.save_pretrained(adapter_dir)
-        preprocessor.save_pretrained(adapter_dir)
+        check_finite({k: v for k, v in model.state_dict().items() if "lora_" in k or "modules_to_save" in k})
+        check_finite(base_residuals or {})
+        adapter_dir = self.run_dir / "adapter"
+        staging = self.run_dir / ".adapter.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        if base_residuals:
+            save_file(base_residuals, str(staging / "base_residuals.safetensors"))
+        model.save_pretrained(staging)
+        preprocessor.save_pretrained(staging)
+        adapter_dir.mkdir(exist_ok=True)
+        for path in sorted(staging.iterdir()):
+            write_atomic(adapter_dir / path.name, lambda target, source=path: os.replace(source, target))
+        shutil.rmtree(staging, ignore_errors=True)
         return adapter_dir
 
     def write_json(self, name: str, payload: dict[str, Any]) -> Path:
         path = self.run_dir / name
-        path.write_text(json.dumps(_jsonable(payload), indent=2))
+        write_atomic(path, lambda target: target.write_text(json.dumps(_jsonable(payload), indent=2)))
         return path
+
+
+class NonFiniteModelError(RuntimeError):
+    """A model with NaN or infinite weights: never saved (a run keeps its last finite one)."""
+
+
+def check_finite(tensors: dict[str, Any]) -> None:
+    bad = sorted(key for key, value in tensors.items() if not bool(value.detach().isfinite().all()))
+    if bad:
+        raise NonFiniteModelError(f"{len(bad)} tensor(s) are not finite (e.g. {bad[0]}): refusing to save them")
 
 
 def _jsonable(value: Any) -> Any:

@@ -135,6 +135,7 @@ def _workspace_key(config: RunConfig) -> str:
         "num-clients": config.num_clients,
         "seed": config.seed,
         "device": config.device,
+        "trust-remote-code": config.trust_remote_code,
         "lora": config.to_dict()["lora"],
         "data": config.to_dict()["data"],
     }
@@ -161,10 +162,17 @@ def build_workspace(config: RunConfig) -> Workspace:
             "fedlowrank.models.load_model(task='causal-lm') but have no training loop yet"
         )
     task = load_task(config.dataset, config.resolved_data_dir(), config.data, seed=config.seed, task=config.task)
-    tokenizer = load_preprocessor(config.model, config.task)
+    tokenizer = load_preprocessor(config.model, config.task, config.trust_remote_code)
     device = pick_device(config.device)
     torch.manual_seed(config.seed)  # the new head and the adapter initialisation are functions of the seed
-    model = load_model(config.model, config.task, task.num_labels, task.label_names, device=device)
+    model = load_model(
+        config.model,
+        config.task,
+        task.num_labels,
+        task.label_names,
+        device=device,
+        trust_remote_code=config.trust_remote_code,
+    )
     peft_model = attach_lora(model, config.lora, config.task)
     # fields in order: config, model, tokenizer, task, device, initial_state, base_weights
     return Workspace(config, peft_model, tokenizer, task, device, adapter_state(peft_model), base_weights(peft_model))

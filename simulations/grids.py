@@ -49,17 +49,21 @@ class InProcessGrid(Grid):
         run_id: int = 1,
         on_reply: Callable[[Message], None] | None = None,
         seed: int = 0,
+        node_config: dict[str, Any] | None = None,
     ) -> None:
+        """``node_config``: what every virtual node's --node-config adds to its partition (e.g. its state-dir)."""
         self.client_app = client_app
         self.on_reply = on_reply
         self._run = Run.create_empty(run_id)
         rng = random.Random(seed)
-        self.node_ids = [rng.getrandbits(63) for _ in range(num_nodes)]
+        # ascending with the partition: the server samples from the sorted node ids (reproducible in deployments,
+        # whose grids list nodes in no fixed order), which here is partition order
+        self.node_ids = sorted(rng.getrandbits(63) for _ in range(num_nodes))
         self.contexts = {
             node_id: Context(
                 run_id=run_id,
                 node_id=node_id,
-                node_config={"partition-id": pid, "num-partitions": num_nodes},
+                node_config={"partition-id": pid, "num-partitions": num_nodes, **(node_config or {})},
                 state=RecordDict(),
                 run_config=dict(run_config or {}),
             )

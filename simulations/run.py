@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from clients.client_app import make_client_app
@@ -20,6 +21,14 @@ def quiet_flower() -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
+def virtual_node_config(config: RunConfig) -> dict[str, Any]:
+    """What each virtual SuperNode is started with besides its partition: its state folder on disk (unless the
+    run keeps client state in Flower's Context), so a killed simulation can be resumed."""
+    if config.client_state == "context":
+        return {}
+    return {"state-dir": config.client_state_dir or str(Path(config.output_dir) / config.name / "client-state")}
+
+
 def run_inprocess(config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
     """Run a federated simulation of ``config`` in this process; returns the run summary."""
     reporter = reporter or Reporter()
@@ -29,6 +38,7 @@ def run_inprocess(config: RunConfig, reporter: Reporter | None = None) -> dict[s
         run_config=config.to_flat(),
         on_reply=lambda reply: reporter.client_finished() if reply.metadata.message_type == "train" else None,
         seed=config.seed,
+        node_config=virtual_node_config(config),
     )
     if config.engine == "batched":
         grid = BatchedGrid(make_client_app(config), bound_config=config, wave_size=config.engine_wave_size, **arguments)

@@ -2,8 +2,9 @@
 
 A sweep is a list of :class:`Cell` s, each a run of the base config with some keys changed. Every cell's
 config is built and checked before anything runs; each cell runs through the in-process simulator into
-``<output>/runs/<cell>/``, and a cell whose run finished (its ``summary.json`` exists) is not run again, so an
-interrupted sweep picks up where it stopped. The tables, CSVs and plots are written from those run folders.
+``<output>/runs/<cell>/``; a cell whose run finished (its ``summary.json`` exists) is not run again, and one
+that was interrupted continues from its last finished round, so an interrupted sweep picks up where it
+stopped. The tables, CSVs and plots are written from those run folders.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def run_cells(
     for index, (cell, config) in enumerate(zip(cells, configs, strict=True)):
         run_dir = Path(config.output_dir) / config.name
         if not finished(run_dir):
+            # a cell interrupted mid-run continues from its last round
+            config.resume = (run_dir / "config.toml").is_file()
             run_inprocess(config, run.reporter_factory())
         done.append(CellRun(cell, run_dir))
         if run.on_cell is not None:

@@ -127,6 +127,10 @@ class MethodOptions:
     def check_adapter(self, initial_state: dict[str, torch.Tensor]) -> None:
         """Constraints this method puts on the model's adapter (its layers and shapes), before any round."""
 
+    def extra_uploads(self, initial_state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        """What clients upload beyond adapter tensors (key -> shape): the server rejects other uploads."""
+        return {}
+
     def adjust_spec(self, spec: MethodSpec) -> MethodSpec:
         """The spec under these options (e.g. FedSA's local head)."""
         return spec

@@ -11,17 +11,19 @@ recorder (``runs/<name>/``). No method is named here.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedlowrank.adapters import count_parameters
+from fedlowrank.checkpoint import crash_point, load_checkpoint, save_checkpoint
 from fedlowrank.config import RunConfig
 from fedlowrank.progress import Reporter
 from fedlowrank.protocol import Refusal, TrainReply
 from fedlowrank.protocol import flower as wire
-from fedlowrank.report import RunRecorder, plot_run, read_metrics
+from fedlowrank.report import RunRecorder, check_run_dir, plot_run, read_metrics
 from fedlowrank.runtime import Workspace, get_workspace
 from fedlowrank.training import evaluate
 from strategies.registry import resolve_method
@@ -103,15 +105,23 @@ class PersonalizedEvaluation:
 
 
 class FederatedRun:
-    """One run of ``config`` over ``grid``: the strategy, the hooks, and the loop's steps."""
+    """One run of ``config`` over ``grid``: the strategy, the hooks, and the loop's steps.
+
+    After every round the run is saved to disk: its metrics row, the global adapter (``adapter/``, each file
+    replaced atomically) and a checkpoint (``checkpoint.safetensors``) with everything needed to go on. With
+    ``resume`` a run continues from its checkpoint; clients find their own state as it was after the last round
+    they trained before the round being run (versioned client state), so a resumed run ends where an
+    uninterrupted one would.
+    """
 
     def __init__(self, grid: Grid, config: RunConfig, reporter: Reporter) -> None:
         self.grid, self.config, self.reporter = grid, config, reporter
+        check_run_dir(config)  # before anything loads: a bad output path or an existing run fails at once
         method = resolve_method(config)
         self.workspace = get_workspace(config)
         _ = self.workspace.client_splits  # partition now: data errors surface before any training
-        self.strategy = build_strategy(config, self.workspace.initial_state, method)
-        self.strategy.sampling.wait_for_nodes(grid)
+        training_set = len(self.workspace.task.train)
+        self.strategy = build_strategy(config, self.workspace.initial_state, method, max_examples=training_set)
         self.traffic = Traffic()
         self.ledger = EpsilonLedger() if config.dp.sample_level else None
         personalized = self.strategy.spec.personalized
@@ -119,7 +129,33 @@ class FederatedRun:
             PersonalizedEvaluation() if personalized else GlobalEvaluation(self.workspace, config.server_eval_every)
         )
         self.recorder = RunRecorder.create(config)
+        self.start_round, self.stopped = self._restore() if config.resume else (1, "")
         self.arrays = self.strategy.broadcast_record()
+        self.timeout = config.server.train_timeout or None
+
+    def _restore(self) -> tuple[int, str]:
+        """Continue from the checkpoint (a run killed before its first one starts over)."""
+        saved = load_checkpoint(self.recorder.run_dir)
+        if saved is None:
+            self.recorder.keep_rounds(0)
+            return 1, ""
+        tensors, meta = saved
+        self.strategy.load_state_dict(tensors)
+        self.traffic.down_total, self.traffic.up_total = meta["traffic"]
+        if self.ledger is not None:
+            self.ledger.epsilon, self.ledger.noise = meta["ledger"]["epsilon"], meta["ledger"]["noise"]
+        self.recorder.keep_rounds(meta["round"])
+        self.reporter.note(f"resuming {self.recorder.run_dir} after round {meta['round']}")
+        return meta["round"] + 1, meta.get("stopped", "")
+
+    def _save(self, server_round: int, stopped: str = "") -> None:
+        meta = {
+            "round": server_round,
+            "stopped": stopped,
+            "traffic": [self.traffic.down_total, self.traffic.up_total],
+            "ledger": {"epsilon": self.ledger.epsilon, "noise": self.ledger.noise} if self.ledger else None,
+        }
+        save_checkpoint(self.recorder.run_dir, self.strategy.state_dict(), meta, label=f"checkpoint-{server_round}")
 
     def run(self) -> dict[str, Any]:
         params = count_parameters(self.workspace.model)
@@ -128,35 +164,33 @@ class FederatedRun:
             f"{self.config.num_clients} clients | {params.trainable:,} trainable params",
             self.config.num_rounds,
         )
-        for server_round in range(1, self.config.num_rounds + 1):
+        for server_round in range(self.start_round, self.config.num_rounds + 1):
+            if self.stopped:
+                break
             row = self.round(server_round)
             self.recorder.log(row)
-            if "stopped" in row:
-                break
-            self.reporter.round_finished(row)
+            self.stopped = row.get("stopped", "")
+            if not self.stopped:
+                self._save_adapter()
+            self._save(server_round, self.stopped)
+            crash_point(f"after-round-{server_round}")
+            if not self.stopped:
+                self.reporter.round_finished(row)
         return self.finish()
 
     def round(self, server_round: int) -> dict[str, Any]:
+        """Train (retried once when no client replies at all), aggregate, evaluate; the round's metrics row."""
         started = time.perf_counter()
-        messages = list(self.strategy.configure_train(server_round, self.arrays, ConfigRecord(), self.grid))
-        self.reporter.round_started(server_round, len(messages))
-        replies = list(self.grid.send_and_receive(messages))
-        result = self.strategy.train_round(server_round, replies)
+        for attempt in (1, 2):
+            messages, replies, result = self._train(server_round)
+            if result.replies or attempt == 2:
+                break
+            self.reporter.note(f"round {server_round}: no client replied ({result.failed}); retrying the round once")
         privacy = self.ledger.update(result.replies) if self.ledger is not None else {}
         if result.arrays is None:
             return self._no_update(server_round, result, privacy)
         self.arrays = result.arrays
-        row: dict[str, Any] = {
-            "round": server_round,
-            "strategy": self.strategy.method.name,
-            "clients_trained": len(replies) - len(result.failed),
-            "clients_failed": len(result.failed) + len(messages) - len(replies),
-            "train_loss": result.train_loss,
-            "clients_rejected": len(result.rejected),
-            "clients_refused": len(result.refused),
-            **result.metrics,
-            **privacy,
-        }
+        row = {"round": server_round, "strategy": self.strategy.method.name, **result.record(), **privacy}
         train_time = time.perf_counter() - started  # configure, train, aggregate (no evaluation)
         row.update(self.evaluate(server_round))
         row.update(self.traffic.count(messages, replies))
@@ -165,31 +199,47 @@ class FederatedRun:
         )
         return row
 
+    def _train(self, server_round: int) -> tuple[list[Message], list[Message], TrainRoundResult]:
+        messages = list(self.strategy.configure_train(server_round, self.arrays, ConfigRecord(), self.grid))
+        self.reporter.round_started(server_round, len(messages))
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        return messages, replies, self.strategy.train_round(server_round, replies, sent=messages)
+
     def _no_update(self, server_round: int, result: TrainRoundResult, privacy: dict[str, Any]) -> dict[str, Any]:
         if result.refused and len(result.refused) == len(result.replies) and not result.rejected:
             self.reporter.note(f"round {server_round}: every client has spent its privacy budget; stopping")
             return {"round": server_round, "stopped": "privacy budget exhausted", **privacy}
-        reasons = sorted(set(result.failed) | set(result.rejected.values()))[:3]
+        reasons = sorted(set(result.failed.values()) | set(result.rejected.values()))[:3]
         raise FederationError(
-            f"round {server_round}: no client returned a result: {'; '.join(reasons) or 'no replies (timeout?)'}"
+            f"round {server_round}: no client returned a result ({'; '.join(reasons) or 'no replies'}). The run "
+            f"is saved after round {server_round - 1}: fix the cause, then continue it with --resume."
         )
 
     def evaluate(self, server_round: int) -> dict[str, Any]:
         last_round = server_round == self.config.num_rounds
         config = ConfigRecord({wire.TEST_SET: self.evaluation.clients_score_test_set(last_round)})
         messages = list(self.strategy.configure_evaluate(server_round, self.arrays, config, self.grid))
-        metrics = self.strategy.evaluate_round(server_round, self.grid.send_and_receive(messages)) if messages else {}
+        metrics = {}
+        if messages:
+            replies = self.grid.send_and_receive(messages, timeout=self.timeout)
+            metrics = self.strategy.evaluate_round(server_round, replies)
         return {**metrics, **self.evaluation.server_metrics(server_round, last_round, self.strategy)}
 
-    def finish(self) -> dict[str, Any]:
-        """Save the final global adapter as a standard peft adapter folder (for a method whose clients keep their own
-        B: Ā with the initial B; each client's B stays in its client state) and write the run summary."""
+    def _save_adapter(self) -> Path:
+        """The global adapter as a standard peft adapter folder (for a method whose clients keep their own B:
+        Ā with the initial B; each client's B stays in its client state)."""
         self.workspace.load_global(self.strategy.global_model_state())
-        adapter_dir = self.recorder.save_adapter(
+        return self.recorder.save_adapter(
             self.workspace.model, self.workspace.tokenizer, self.strategy.base_residuals()
         )
+
+    def finish(self) -> dict[str, Any]:
+        """Write the run summary (the adapter of the last finished round is already on disk)."""
+        adapter_dir = self.recorder.run_dir / "adapter"
+        if not adapter_dir.is_dir():
+            adapter_dir = self._save_adapter()  # a run that never finished a round: the initial adapter
         rows = read_metrics(self.recorder.run_dir)
-        final = next((row for row in reversed(rows) if "test_accuracy" in row), rows[-1])
+        final = next((row for row in reversed(rows) if "test_accuracy" in row), rows[-1] if rows else {})
         summary = {
             "run_dir": str(self.recorder.run_dir),
             "test_accuracy": final.get("test_accuracy"),
@@ -199,8 +249,10 @@ class FederatedRun:
             "bytes_down_total": self.traffic.down_total,
             "bytes_up_total": self.traffic.up_total,
             "wall_time": self.recorder.elapsed(),
+            "rounds": len(rows),
+            "stopped": self.stopped or None,
             "label_names": self.workspace.task.label_names,
-            "plot": str(plot_run(self.recorder.run_dir)),
+            "plot": str(plot_run(self.recorder.run_dir)) if rows else None,
             "adapter": str(adapter_dir),
         }
         self.recorder.write_json("summary.json", summary)

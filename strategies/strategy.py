@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlowrank.adapters import RESIDUAL_SUFFIX, LayerFactors, factor_state, key_role, lora_factors, lora_scale
+from fedlowrank.checkpoint import prefixed, unprefixed
 from fedlowrank.config import RunConfig
 from fedlowrank.lowrank import pad_rank, product
 from fedlowrank.metrics import layer_bias, summarize
@@ -34,12 +35,12 @@ from fedlowrank.protocol import (
     Refusal,
     TrainInstruction,
     TrainReply,
-    a_checksum,
 )
 from fedlowrank.protocol import flower as wire
 from strategies.method import RoundInput, ServerUpdate, client_weights, weighted_average
 from strategies.registry import ResolvedMethod, get_method, resolve_method
 from strategies.user_dp import ClientUpdates, NoUserDP, UpdatePrivacy, UserLevelDP
+from strategies.validation import ReplyRules, ReplyValidator
 
 log = logging.getLogger("fedlowrank")
 
@@ -48,46 +49,77 @@ class FederationError(RuntimeError):
     """The federation cannot go on (too few nodes, no client produced a result); the text says why."""
 
 
+class AggregateError(RuntimeError):
+    """A round's aggregate could not be formed (the method failed, or produced NaN/inf): the model is kept."""
+
+
+def _first_line(text: str) -> str:
+    return (text or "no reason given").strip().splitlines()[0][:300]
+
+
+def _unanswered(sent: Iterable[Message], replies: list[Message]) -> dict[str, str]:
+    answered = {reply.metadata.src_node_id for reply in replies}
+    return {
+        f"node-{message.metadata.dst_node_id}": "no reply (timed out, or the node went away)"
+        for message in sent
+        if message.metadata.dst_node_id not in answered
+    }
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """Node sampling as Flower's built-in strategies do it, seeded per run, round and phase, with a bounded wait."""
+    """Node sampling as Flower's built-in strategies do it, seeded per run, round and phase, with a bounded wait.
+
+    Each round waits up to ``node_wait_seconds`` for all ``num_clients`` nodes, then goes on with those
+    connected if there are at least ``min_available`` (a dead node slows a round down once, never forever).
+    """
 
     fraction_train: float
     fraction_evaluate: float
-    min_available_nodes: int
+    num_clients: int
     seed: int = 0
     node_wait_seconds: float = 120.0
+    min_available: int = 1
 
     @classmethod
     def from_config(cls, config: RunConfig) -> Sampling:
         return cls(
-            config.fraction_train, config.fraction_evaluate, config.num_clients, config.seed, config.node_wait_seconds
+            config.fraction_train,
+            config.fraction_evaluate,
+            config.num_clients,
+            config.seed,
+            config.node_wait_seconds,
+            config.server.min_available,
         )
 
     def sample(self, grid: Grid, server_round: int, phase: str) -> list[int]:
         fraction = self.fraction_train if phase == "train" else self.fraction_evaluate
         if fraction == 0.0:
             return []
-        minimum = max(1, int(self.min_available_nodes * fraction))
         nodes = self.wait_for_nodes(grid)
-        size = max(int(len(nodes) * fraction), minimum)
+        size = min(len(nodes), max(int(len(nodes) * fraction), max(1, int(self.num_clients * fraction))))
         rng = random.Random(self.seed * 1_000_003 + server_round * 2 + (phase == "evaluate"))
         return rng.sample(nodes, size)
 
     def wait_for_nodes(self, grid: Grid, poll_seconds: float = 1.0) -> list[int]:
-        """The connected nodes once there are enough; a clear error after ``node_wait_seconds`` instead of a
-        wait that never ends."""
+        """The connected nodes: all of them as soon as they are there, else, after ``node_wait_seconds``, those
+        connected if they are enough; a clear error otherwise (never a wait that does not end)."""
         deadline = time.monotonic() + self.node_wait_seconds
-        while len(nodes := list(grid.get_node_ids())) < self.min_available_nodes:
+        while len(nodes := sorted(grid.get_node_ids(), key=lambda n: n)) < self.num_clients:
             if time.monotonic() >= deadline:
-                raise FederationError(
-                    f"only {len(nodes)} node(s) connected after {self.node_wait_seconds:.0f} s, but num-clients="
-                    f"{self.min_available_nodes}. With `flwr run .` pass --federation-config "
-                    f'"num-supernodes={self.min_available_nodes}"; in a deployment start one SuperNode per '
-                    'partition (--node-config "partition-id=K num-partitions=N").'
-                )
+                break
             time.sleep(poll_seconds)
-        return nodes
+        if len(nodes) >= self.min_available:
+            if len(nodes) < self.num_clients:
+                log.warning("%d of %d nodes connected: going on with them", len(nodes), self.num_clients)
+            return nodes
+        raise FederationError(
+            f"only {len(nodes)} node(s) connected after {self.node_wait_seconds:.0f} s, but the run needs "
+            f"server.min-available={self.min_available} (of num-clients={self.num_clients}). With `flwr run .` "
+            f'pass --federation-config "num-supernodes={self.num_clients}"; in a deployment start one SuperNode per '
+            'partition (--node-config "partition-id=K num-partitions=N"). Finished rounds are saved: continue with '
+            "--resume."
+        )
 
 
 @dataclass
@@ -99,12 +131,31 @@ class TrainRoundResult:
     accepted: list[TrainReply]
     refused: list[Refusal]
     rejected: dict[str, str]  # client -> why its reply was not aggregated
-    failed: list[str]  # why clients produced no reply (errors, timeouts)
+    failed: dict[str, str]  # node -> why it produced no reply (the ClientApp raised, a timeout, a lost node)
     metrics: dict[str, Any] = field(default_factory=dict)  # bias, user-level ε, the method's own
+    kept_previous: str = ""  # why the global model was not updated this round, if it was not
 
     @property
     def train_loss(self) -> float | None:
         return weighted_mean([r.train_loss for r in self.accepted], [r.num_examples for r in self.accepted])
+
+    def record(self) -> dict[str, Any]:
+        """The round's account for metrics.jsonl: who trained, failed, was rejected or refused, and why."""
+        row: dict[str, Any] = {
+            "clients_trained": len(self.replies),
+            "clients_accepted": len(self.accepted),
+            "clients_failed": len(self.failed),
+            "clients_rejected": len(self.rejected),
+            "clients_refused": len(self.refused),
+            "train_loss": self.train_loss,
+        }
+        if self.failed:
+            row["clients_failed_reasons"] = dict(self.failed)
+        if self.rejected:
+            row["clients_rejected_reasons"] = dict(self.rejected)
+        if self.kept_previous:
+            row["global_model_kept"] = self.kept_previous
+        return {**row, **self.metrics}
 
 
 def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float | None:
@@ -131,8 +182,14 @@ class LoRAStrategy(Strategy):
         weighting: str = "num-examples",
         seed: int = 0,
         privacy: UpdatePrivacy | None = None,
+        validator: ReplyValidator | None = None,
+        min_valid_replies: int = 1,
     ) -> None:
         self.method, self.spec = method, method.spec
+        self.validator = (
+            validator if validator is not None else ReplyValidator(ReplyRules(method.spec, num_clients=2**31))
+        )
+        self.min_valid_replies = min_valid_replies
         self.scale, self.sampling, self.weighting, self.seed = scale, sampling, weighting, seed
         self.privacy: UpdatePrivacy = privacy if privacy is not None else NoUserDP()
         self.global_state = {k: v.clone() for k, v in initial_state.items()}
@@ -188,6 +245,23 @@ class LoRAStrategy(Strategy):
     def broadcast_record(self) -> ArrayRecord:
         return wire.state_to_record(self.broadcast_state())
 
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything the strategy needs to go on: the global adapter, what was folded into the frozen weights,
+        the method's own state and the user-level DP mechanism's (dtypes kept)."""
+        return {
+            **prefixed(self.global_state, "global"),
+            **prefixed(self.folded, "folded"),
+            **prefixed(self.method_state, "method"),
+            **prefixed(self.privacy.state_dict(), "privacy"),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.global_state = unprefixed(state, "global")
+        self.folded = unprefixed(state, "folded")
+        self.method_state = unprefixed(state, "method")
+        self.privacy.load_state_dict(unprefixed(state, "privacy"))
+
     # ---- Flower's Strategy ----------------------------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -221,40 +295,54 @@ class LoRAStrategy(Strategy):
         log.info("%s: %s (spec %s)", type(self).__name__, self.method.name, self.spec)
 
     # ---- what comes up --------------------------------------------------------------------------------------
-    def train_round(self, server_round: int, replies: Iterable[Message]) -> TrainRoundResult:
-        """Decode and check the replies, aggregate the accepted ones, and say what happened to every client."""
+    def train_round(
+        self, server_round: int, replies: Iterable[Message], sent: Iterable[Message] = ()
+    ) -> TrainRoundResult:
+        """Decode and check the replies, aggregate the accepted ones, and say what happened to every client
+        (``sent``: the round's instructions, so that a client that never answered counts as failed)."""
+        replies = list(replies)
         decoded: list[TrainReply | Refusal] = []
-        failed, rejected = [], {}
-        for index, message in enumerate(replies):
+        accepted: list[TrainReply] = []
+        failed, rejected = _unanswered(sent, replies), {}
+        for message in replies:
+            node = f"node-{message.metadata.src_node_id}"
             if message.has_error():
-                failed.append(message.error.reason)
+                failed[node] = _first_line(message.error.reason)
                 continue
             try:
-                decoded.append(wire.decode_train_reply(message.content))
+                reply = wire.decode_train_reply(message.content)
             except MalformedMessage as exc:
-                rejected[f"node-{message.metadata.src_node_id or index}"] = f"malformed reply: {exc}"
-        refused = [r for r in decoded if isinstance(r, Refusal)]
-        accepted = []
-        for reply in (r for r in decoded if isinstance(r, TrainReply)):
-            reason = self.rejection(reply)
+                rejected[node] = f"malformed reply: {exc}"
+                continue
+            decoded.append(reply)
+            if isinstance(reply, Refusal):
+                continue
+            reason = self.validator.reason(reply, self.global_state)
             if reason is None:
                 accepted.append(reply)
             else:
-                rejected[str(reply.partition_id)] = reason
+                client = str(reply.partition_id)
+                rejected[client if client not in rejected else f"{client} ({node})"] = reason
+        refused = [r for r in decoded if isinstance(r, Refusal)]
         if rejected:
             log.warning("round %d: rejected %d client(s): %s", server_round, len(rejected), rejected)
         accepted.sort(key=lambda reply: reply.partition_id)  # the same sums whatever order replies arrived in
         result = TrainRoundResult(None, decoded, accepted, refused, rejected, failed)
-        if accepted:
+        if len(accepted) < self.min_valid_replies:
+            if accepted or rejected:
+                result.kept_previous = (
+                    f"only {len(accepted)} valid repl{'y' if len(accepted) == 1 else 'ies'}, fewer than "
+                    f"server.min-valid-replies={self.min_valid_replies}"
+                )
+                result.arrays = self.broadcast_record()
+            return result
+        try:
             result.metrics = self._aggregate(server_round, accepted)
-            result.arrays = self.broadcast_record()
+        except AggregateError as exc:
+            log.warning("round %d: the global model is kept: %s", server_round, exc)
+            result.kept_previous = str(exc)
+        result.arrays = self.broadcast_record()
         return result
-
-    def rejection(self, reply: TrainReply) -> str | None:
-        """Why ``reply`` must not be aggregated (None: it may)."""
-        if self.spec.check_shared_a and reply.a_checksum != a_checksum(self.global_state):
-            return "its frozen A differs from the shared A (checksum mismatch)"
-        return None
 
     def _aggregate(self, server_round: int, accepted: list[TrainReply]) -> dict[str, Any]:
         uploads = [reply.state for reply in accepted]
@@ -277,7 +365,10 @@ class LoRAStrategy(Strategy):
             scale=self.scale,
             state=dict(self.method_state),
         )
-        update = self.method.server_update(inputs)
+        try:
+            update = self.method.server_update(inputs)
+        except Exception as exc:  # the method's math failed on these inputs: keep the model, say why
+            raise AggregateError(f"{self.method.name}'s server update failed: {type(exc).__name__}: {exc}") from exc
         metrics = dict(updates.metrics)
         # Bias needs each client's update; a personalised method reports a personalisation gap instead, and
         # under user-level DP the individual updates must not be released.
@@ -288,12 +379,20 @@ class LoRAStrategy(Strategy):
         return metrics
 
     def _apply(self, update: ServerUpdate, updates: ClientUpdates) -> None:
-        self.global_state.update(factor_state(update.factors))
+        """The new global state, all or nothing: built aside, checked finite, then swapped in."""
+        state = dict(self.global_state)
+        state.update(factor_state(update.factors))
         # Non-matrix trainables of the global adapter that came up (the shared head, VeRA's λ) are averaged.
-        for key in sorted(k for k in updates.uploads[0] if k in self.global_state and k not in factor_keys(update)):
-            self.global_state[key] = weighted_average([upload[key] for upload in updates.uploads], updates.weights)
+        for key in sorted(k for k in updates.uploads[0] if k in state and k not in factor_keys(update)):
+            state[key] = weighted_average([upload[key] for upload in updates.uploads], updates.weights)
+        folded = dict(self.folded)
         for layer, fold in update.fold.items():
-            self.folded[layer] = self.folded.get(layer, 0) + fold.to(torch.float64)
+            folded[layer] = folded.get(layer, 0) + fold.to(torch.float64)
+        produced = {**state, **{f"folded:{k}": v for k, v in folded.items()}, **(update.state or {})}
+        not_finite = sorted(key for key, value in produced.items() if not bool(torch.isfinite(value).all()))
+        if not_finite:
+            raise AggregateError(f"the aggregate is not finite ({len(not_finite)} tensors, e.g. {not_finite[0]})")
+        self.global_state, self.folded = state, folded
         if update.state is not None:
             self.method_state = dict(update.state)
 
@@ -356,15 +455,28 @@ def _padded(pair: LayerFactors, reference: LayerFactors) -> LayerFactors:
 
 
 def build_strategy(
-    config: RunConfig, initial_state: dict[str, torch.Tensor], method: ResolvedMethod | None = None
+    config: RunConfig,
+    initial_state: dict[str, torch.Tensor],
+    method: ResolvedMethod | None = None,
+    max_examples: int = 0,
 ) -> LoRAStrategy:
-    """The run's strategy: its method (checked against the config and the adapter) and, when asked for,
-    user-level DP in the mode the method declares."""
+    """The run's strategy: its method (checked against the config and the adapter), the checks every reply
+    passes (``max_examples``: the training set's size), and, when asked for, user-level DP in the mode the
+    method declares."""
     method = method if method is not None else resolve_method(config)
     method.options.check_adapter(initial_state)
     privacy: UpdatePrivacy = NoUserDP()
     if config.dp.user_level and method.definition.user_dp is not None:
         privacy = UserLevelDP.from_config(config, method.definition.user_dp)
+    rules = ReplyRules(
+        method.spec,
+        train_head=config.lora.train_head,
+        num_clients=config.num_clients,
+        max_examples=max_examples,
+        max_update_norm=config.server.max_update_norm,
+        client_ranks=tuple(config.lora.client_ranks),
+        extra_uploads=tuple(method.options.extra_uploads(initial_state).items()),
+    )
     return LoRAStrategy(
         method,
         initial_state,
@@ -373,4 +485,6 @@ def build_strategy(
         weighting=config.weighting,
         seed=config.seed,
         privacy=privacy,
+        validator=ReplyValidator(rules),
+        min_valid_replies=config.server.min_valid_replies,
     )

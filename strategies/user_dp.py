@@ -21,6 +21,7 @@ import torch
 
 from fedlowrank.adapters import LayerFactors, lora_factors
 from fedlowrank.config import RunConfig
+from fedlowrank.privacy.accounting import PrivacyAccountant
 from fedlowrank.privacy.user_level import UserLevelLedger, noisy_mean
 from strategies.method import UserDPMode
 
@@ -45,6 +46,10 @@ class UpdatePrivacy(Protocol):
         self, updates: ClientUpdates, server_state: dict[str, torch.Tensor], previous: dict[str, LayerFactors]
     ) -> ClientUpdates: ...
 
+    def state_dict(self) -> dict[str, torch.Tensor]: ...  # what a checkpoint keeps (ledger, noise generator)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
 
 class NoUserDP:
     """The clients' updates go to the method as they are."""
@@ -55,6 +60,12 @@ class NoUserDP:
         self, updates: ClientUpdates, server_state: dict[str, torch.Tensor], previous: dict[str, LayerFactors]
     ) -> ClientUpdates:
         return updates
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
 
 
 class UserLevelDP:
@@ -108,3 +119,11 @@ class UserLevelDP:
             target_products=targets,
             metrics={"user_dp_epsilon": self.ledger.release()},
         )
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The ledger's history and the noise generator's position: a resumed run draws the noise it would have."""
+        return {"ledger": self.ledger.accountant.to_tensor(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.ledger.accountant = PrivacyAccountant.from_tensor(state["ledger"], self.ledger.accountant.kind)
+        self.generator.set_state(state["generator"])

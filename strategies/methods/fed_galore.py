@@ -68,6 +68,11 @@ class FedGaLoreOptions(MethodOptions):
     def check_adapter(self, initial_state: dict[str, torch.Tensor]) -> None:
         check_fed_galore_rank(layer_shapes(initial_state, self.modules), self.rank)
 
+    def extra_uploads(self, initial_state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        """Each trained weight's projected update, down(ΔW): r x n or m x r (the round's basis has that shape)."""
+        projectors = server_projectors(layer_shapes(initial_state, self.modules), self.rank, seed=0, server_round=1)
+        return {f"{layer}{PROJECTED_SUFFIX}": tuple(p.low_rank_shape()) for layer, p in projectors.items()}
+
 
 def layer_shapes(initial_state: Mapping[str, torch.Tensor], modules: Sequence[str]) -> dict[str, tuple[int, int]]:
     """``{layer: (d_out, d_in)}`` of the LoRA layers matching ``modules``, read off the factor shapes."""
