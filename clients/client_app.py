@@ -47,7 +47,8 @@ def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
         result = evaluate(node.model, workspace.client_validation_loader(node.partition_id), num_labels)
         scored = result.num_examples > 0
         test = {}
-        if instruction.test_set:
+        # a personalised client that never trained has no model of its own: it does not score the test set
+        if instruction.test_set and (not instruction.spec.kept_roles() or node.has_trained()):
             on_test = evaluate(node.model, workspace.test_loader(), num_labels)
             test = {"accuracy": on_test.accuracy, "f1": on_test.macro_f1, "loss": on_test.loss}
         reply = EvaluateReply(

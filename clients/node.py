@@ -107,6 +107,10 @@ class ClientNode:
         """What goes up: the spec's sides, the leading r_k components for a rank-r_k client."""
         return slice_rank(select_roles(state, *spec.uploaded_roles(self.config.lora.train_head)), self.rank)
 
+    def has_trained(self) -> bool:
+        """Whether this client kept state of its own from a round it trained in."""
+        return self.load_state(LOCAL_ADAPTER) is not None
+
     def personalization_gap(self) -> float:
         """Mean over layers of ‖B_k Ā − B_k A_k‖ / ‖B_k A_k‖ (0 before this client has trained; NaN for VeRA)."""
         own = self.load_state(LOCAL_ADAPTER)

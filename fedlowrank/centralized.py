@@ -63,6 +63,7 @@ def train_centralized(config: RunConfig, reporter: Reporter | None = None) -> di
         "test_f1": final["test_f1"],
         "test_loss": final["test_loss"],
         "wall_time": recorder.elapsed(),
+        "unseen_test_labels": workspace.task.unseen_test_labels or None,
         "plot": str(plot_run(recorder.run_dir)),
         "adapter": str(adapter_dir),
     }

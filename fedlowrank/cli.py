@@ -265,6 +265,32 @@ def sweep_privacy(
         console.print(f"wrote {output}/privacy.csv, privacy.md, privacy.png")
 
 
+deploy_app = typer.Typer(no_args_is_help=True, help="Secure deployment on real SuperLink and SuperNodes.")
+app.add_typer(deploy_app, name="deploy")
+
+
+@deploy_app.command("certs")
+def deploy_certs(
+    output: Annotated[Path, typer.Option(help="Folder for the CA, the SuperLink certificate and node keys.")] = Path(
+        "certs"
+    ),
+    nodes: Annotated[int, typer.Option(help="SuperNode key pairs to make (one per node).")] = 2,
+    host: Annotated[
+        list[str] | None, typer.Option(help="Name or IP the SuperLink is reached at (repeatable; default: localhost).")
+    ] = None,
+    address: Annotated[str, typer.Option(help="host:port the SuperNodes and flwr connect to.")] = "127.0.0.1:8000",
+    overwrite: OverwriteOption = False,
+) -> None:
+    """A development CA, a TLS certificate for the SuperLink and one authentication key pair per SuperNode,
+    with the commands that use them (TLS + SuperNode authentication)."""
+    from fedlowrank.deploy import DEFAULT_HOSTS, deployment_commands, make_certificates
+
+    with user_errors():
+        files = make_certificates(output, nodes, tuple(host or DEFAULT_HOSTS), overwrite=overwrite)
+    console.print(f"wrote {files.ca_certificate}, {files.server_certificate} and {nodes} node key pair(s) in {output}")
+    console.print(deployment_commands(files, address), highlight=False, soft_wrap=True, markup=False)
+
+
 @app.command("keys")
 def list_keys(set_: SetOption = None) -> None:
     """List every config key with its default and what it does (method options included; --set

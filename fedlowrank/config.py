@@ -126,6 +126,11 @@ class DataSettings:
     max_length: int = setting(64, "tokens per example (longer texts are truncated)", minimum=8)
     max_train_examples: int = setting(0, "cap the training examples (0: all): smoke tests", minimum=0)
     max_test_examples: int = setting(0, "cap the test examples (0: all)", minimum=0)
+    unseen_test_labels: str = setting(
+        "refuse",
+        "a label only the test split has: 'refuse' the dataset, or 'keep' it (reported in the summary)",
+        choices=("refuse", "keep"),
+    )
 
 
 @dataclass

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext, redirect_stderr
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,8 @@ class TaskData:
     image_column: str = ""
     # The column the "by-column" partitioner splits on (kept in the splits), if any.
     partition_column: str = ""
+    # Labels of the test split that no training example has (kept only with data.unseen-test-labels = "keep").
+    unseen_test_labels: list[str] = field(default_factory=list)
 
     @property
     def num_labels(self) -> int:
@@ -83,7 +86,26 @@ def _read_files(files: dict[str, str]) -> DatasetDict:
     formats = {FILE_FORMATS[Path(f).suffix] for f in files.values()}
     if len(formats) != 1:
         raise DataError(f"mixed file formats in one dataset: {sorted(files.values())}")
-    return load_dataset(formats.pop(), data_files=files)
+    for path in files.values():
+        if Path(path).stat().st_size == 0:
+            raise DataError(f"{path} is empty: a dataset file needs a header row and at least one example")
+    try:
+        with _quiet_progress():
+            return load_dataset(formats.pop(), data_files=files)
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{sorted(files.values())}: not UTF-8 text ({exc.reason} at byte {exc.start}). Save the files as UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8 old.csv > new.csv)"
+        ) from None
+    except Exception as exc:  # pandas/arrow parse errors: one clear line, not a traceback
+        empty = re.search(r'Instruction "(\w+)" corresponds to no data', str(exc))
+        if empty:
+            where = files.get(empty[1], files)
+            raise DataError(f"{where}: the {empty[1]} split has no rows (only a header?)") from None
+        causes = [exc, exc.__cause__, exc.__context__]
+        if any(isinstance(c, UnicodeDecodeError) for c in causes) or "utf-8" in str(exc).lower():
+            raise DataError(f"{sorted(files.values())}: not UTF-8 text; save the files as UTF-8 ({exc})") from None
+        raise DataError(f"could not read {sorted(files.values())}: {type(exc).__name__}: {exc}") from None
 
 
 def _not_found(name: str, data_dir: str, reason: str) -> DataError:
@@ -140,7 +162,8 @@ def load_task(
     if train_split is None:
         raise DataError(f"dataset {name_or_path!r} has no train split (splits: {list(raw)})")
     train = raw[train_split]
-    test_split = next((s for s in TEST_SPLITS if s in raw), None)
+    # the first held-out split that carries labels (GLUE's test splits are all -1)
+    test_split = next((s for s in TEST_SPLITS if s in raw and _labelled(raw[s], settings.label_column)), None)
     test_split = next((s for s in raw if s.startswith("validation_matched")), test_split)  # MNLI
     if test_split is None:
         # No held-out split shipped: carve one, deterministically.
@@ -164,6 +187,16 @@ def load_task(
                 f"dataset {name_or_path!r} ({split_name} split) has no column(s) {missing}; its columns are "
                 f"{split.column_names}. Set {hint}."
             )
+    for split_name, split in (("train", train), ("test", test)):
+        _check_rows(split, split_name, name_or_path, [] if image else inputs, settings.label_column)
+    unseen = _unseen_test_labels(train, test, settings.label_column)
+    if unseen and settings.unseen_test_labels == "refuse":
+        rows = _rows_where(test, settings.label_column, lambda v: str(v) in unseen)
+        raise DataError(
+            f"dataset {name_or_path!r}: label(s) {sorted(unseen)[:10]} appear only in the test split (test rows "
+            f"{rows}): no client could ever learn them. Remove those rows, or set data.unseen-test-labels = "
+            "'keep' to keep them (they are reported in the run's summary)"
+        )
     train, test, label_names = _encode_labels(train, test, settings.label_column)
     keep = [*inputs, settings.label_column, partition_column]
     train = train.remove_columns([c for c in train.column_names if c not in keep])
@@ -183,7 +216,45 @@ def load_task(
         settings.text_pair_column,
         image_column=settings.image_column if image else "",
         partition_column=partition_column,
+        unseen_test_labels=sorted(unseen),
     )
+
+
+def _labelled(split: Dataset, column: str) -> bool:
+    if column not in split.column_names or len(split) == 0:
+        return True  # let the column and row checks say what is wrong
+    return any(v not in (-1, None) for v in split[column][:1000])
+
+
+def _rows_where(split: Dataset, column: str, bad: Callable[[object], bool], limit: int = 10) -> str:
+    """The first ``limit`` 1-based row numbers (not counting a header) whose ``column`` value is bad."""
+    rows = [index + 1 for index, value in enumerate(split[column]) if bad(value)]
+    shown = ", ".join(map(str, rows[:limit]))
+    return f"{shown} and {len(rows) - limit} more" if len(rows) > limit else shown
+
+
+def _blank(value: object) -> bool:
+    return (
+        value is None or (isinstance(value, float) and value != value) or (isinstance(value, str) and not value.strip())
+    )
+
+
+def _check_rows(split: Dataset, split_name: str, name: str, text_columns: list[str], label_column: str) -> None:
+    """A split has rows, every row has text and a label: anything else is refused with the row numbers."""
+    if len(split) == 0:
+        raise DataError(f"dataset {name!r}: the {split_name} split has no rows (only a header?)")
+    for column, what in [*((c, "text") for c in text_columns), (label_column, "label")]:
+        if any(_blank(v) for v in split[column]):
+            raise DataError(
+                f"dataset {name!r}: {split_name} rows {_rows_where(split, column, _blank)} have no {what} in column "
+                f"{column!r} (rows count from 1, after the header). Fill or drop them"
+            )
+
+
+def _unseen_test_labels(train: Dataset, test: Dataset, column: str) -> set[str]:
+    if isinstance(train.features[column], ClassLabel):
+        return set()
+    return {str(v) for v in test[column]} - {str(v) for v in train[column]}
 
 
 def _as_images(split: Dataset, column: str) -> Dataset:

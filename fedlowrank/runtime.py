@@ -155,6 +155,18 @@ def get_workspace(config: RunConfig) -> Workspace:
     return workspace
 
 
+def _check_max_length(model: torch.nn.Module, config: RunConfig) -> None:
+    """Longer inputs than the model has positions for fail in the middle of training: refuse them up front."""
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if positions and "roberta" in str(getattr(model.config, "model_type", "")):
+        positions -= 2  # RoBERTa's positions start after the padding index
+    if config.task != "image-cls" and positions and config.data.max_length > positions:
+        raise ConfigError(
+            f"data.max-length={config.data.max_length} exceeds the {positions} positions model {config.model!r} "
+            f"has: use data.max-length <= {positions}"
+        )
+
+
 def build_workspace(config: RunConfig) -> Workspace:
     if config.task not in TRAINABLE_TASKS:
         raise ConfigError(
@@ -173,6 +185,7 @@ def build_workspace(config: RunConfig) -> Workspace:
         device=device,
         trust_remote_code=config.trust_remote_code,
     )
+    _check_max_length(model, config)
     peft_model = attach_lora(model, config.lora, config.task)
     # fields in order: config, model, tokenizer, task, device, initial_state, base_weights
     return Workspace(config, peft_model, tokenizer, task, device, adapter_state(peft_model), base_weights(peft_model))

@@ -252,6 +252,7 @@ class FederatedRun:
             "rounds": len(rows),
             "stopped": self.stopped or None,
             "label_names": self.workspace.task.label_names,
+            "unseen_test_labels": self.workspace.task.unseen_test_labels or None,
             "plot": str(plot_run(self.recorder.run_dir)) if rows else None,
             "adapter": str(adapter_dir),
         }

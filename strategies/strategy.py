@@ -438,9 +438,14 @@ class LoRAStrategy(Strategy):
         gaps = [r.personalization_gap for r in scored]
         if scored and all(gap is not None for gap in gaps):
             metrics["personalization_gap"] = weighted_mean(gaps, counts)  # type: ignore[arg-type]
+        # Personalised models on the global test set: the plain mean over the clients that scored it (each
+        # client's model counts once; clients that never trained have no model of their own and do not score)
+        tested = [r for r in scored if r.test]
         for name in ("accuracy", "f1", "loss"):
-            if scored and all(name in r.test for r in scored):
-                metrics[f"test_{name}"] = weighted_mean([r.test[name] for r in scored], counts)
+            if tested:
+                metrics[f"test_{name}"] = sum(r.test[name] for r in tested) / len(tested)
+        if tested:
+            metrics["test_clients_scored"] = len(tested)
         return {key: value for key, value in metrics.items() if value is not None}
 
 

@@ -7,6 +7,8 @@ projection on a fixed random vector, plus every per-round metric that is not a w
 ``python tests/behaviour_fingerprints.py record`` writes ``tests/data/behaviour_fingerprints.json``;
 ``tests/test_behaviour_fingerprints.py`` re-runs every case and compares (adapters to 1e-6 relative, the ε
 ledger and bytes exactly). It guards refactorings: a change of behaviour must be deliberate and re-recorded.
+Re-recorded since, deliberately: FedSA's last-round test metrics (now the plain mean over the clients that score
+their own model, no longer weighted by validation-split sizes).
 """
 
 from __future__ import annotations

@@ -1,147 +1,103 @@
-"""Real Flower processes on localhost: a SuperLink, two SuperNodes and `flwr run` of this app (insecure)."""
+"""Real Flower processes on localhost: a SuperLink, SuperNodes and `flwr run` of this app.
+
+- TLS with a development CA (``fedlowrank deploy certs``) and SuperNode authentication: registered nodes train a
+  round; a node whose key is not registered is refused; a node that does not trust the CA cannot connect.
+- Failures: of three SuperNodes one is killed in the middle of a round and another between rounds; the run
+  completes, the failures are recorded with their reasons, nothing hangs, and after every finished round its
+  adapter is on disk (and readable) at every moment.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from localfed import LocalFederation
+from safetensors.torch import load_file
 
 from fedlowrank.report import read_metrics
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+TINY = (
+    "data.max-train-examples=180 data.max-test-examples=32 data.max-length=32 train.local-steps=2 "
+    "train.batch-size=16 fraction-evaluate=0.0"
+)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_port(port: int, timeout: float = 60.0) -> None:
+def _wait(condition, timeout: float, what: str, poll: float = 0.5):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
-
-
-def _stop(processes: list[subprocess.Popen]) -> None:
-    for process in processes:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-    for process in processes:
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"{what}: not within {timeout:.0f} s")
 
 
 @pytest.mark.slow
-def test_superlink_and_two_supernodes_run_two_rounds(tmp_path, data_dir):
-    env = dict(os.environ)
-    env.update(
-        FLWR_HOME=str(tmp_path / "flwr-home"),
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        FEDLOWRANK_DATA=str(data_dir),
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-    )
-    link_port = _free_port()
-    Path(env["FLWR_HOME"]).mkdir()
-    Path(env["FLWR_HOME"], "config.toml").write_text(
-        f'[superlink]\ndefault = "local-deployment"\n\n'
-        f'[superlink.local-deployment]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
-    )
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    processes: list[subprocess.Popen] = []
-
-    def start(name: str, *args: str) -> None:
-        out = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        processes.append(
-            subprocess.Popen(
-                [str(BIN / args[0]), *args[1:]],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=tmp_path,
-                start_new_session=True,
-            )
-        )
-
+def test_tls_and_supernode_authentication(tmp_path, data_dir):
+    federation = LocalFederation(tmp_path, data_dir, secure=True, nodes=3)
     try:
-        start(
-            "superlink",
-            "flower-superlink",
-            "--insecure",
-            "--disable-runtime-dependency-installation",
-            "--database",
-            str(tmp_path / "state.db"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(link_port),
-        )
-        _wait_for_port(link_port)
+        federation.start_superlink()
+        keys = federation.files.node_keys
+        for key in keys[:2]:
+            federation.register(key)
         for pid in range(2):
-            start(
-                f"supernode{pid}",
-                "flower-supernode",
-                "--insecure",
-                "--superlink",
-                f"127.0.0.1:{link_port}",
-                "--node-config",
-                f"partition-id={pid} num-partitions=2",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(_free_port()),
-            )
-        run_config = (
-            f"num-clients=2 num-rounds=2 name='deployed' output-dir='{tmp_path / 'runs'}' data-dir='{data_dir}' "
-            "data.max-train-examples=200 data.max-test-examples=64 data.max-length=32 train.local-steps=3 "
-            "train.batch-size=16"
-        )
-        run = subprocess.run(
-            [str(BIN / "flwr"), "run", str(REPO), "local-deployment", "--stream", "--run-config", run_config],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            cwd=tmp_path,
-        )
-        assert run.returncode == 0, run.stdout + run.stderr
-        # `flwr run --stream` exits 0 even when the run failed: ask the SuperLink for the run's status.
-        listing = subprocess.run(
-            [str(BIN / "flwr"), "list", "local-deployment", "--format", "json"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=tmp_path,
-        )
-        runs = json.loads(listing.stdout)["runs"]
-        assert len(runs) == 1
-        assert runs[0]["status"] == "finished:completed", runs[0]
-        rows = read_metrics(tmp_path / "runs" / "deployed")
-        assert [row["round"] for row in rows] == [1, 2]
-        assert all(row["clients_trained"] == 2 and row["test_accuracy"] is not None for row in rows)
-        assert (tmp_path / "runs" / "deployed" / "adapter" / "adapter_model.safetensors").is_file()
+            federation.start_supernode(pid, 2, key=keys[pid])
+        stranger = federation.start_supernode(5, 2, key=keys[2])  # a key nobody registered
+        untrusting = federation.start_supernode(6, 2, key=keys[0], trust_ca=False)  # no CA certificate
+        assert stranger.wait(timeout=120) != 0 and untrusting.wait(timeout=120) != 0
+        assert "Failed to activate SuperNode" in federation.log("supernode-5")
+        assert "CERTIFICATE_VERIFY_FAILED" in federation.log("supernode-6")
+        _wait(lambda: federation.online_nodes() == 2, 60, "two registered nodes online")
+
+        runs = tmp_path / "runs"
+        federation.submit(f"num-clients=2 num-rounds=1 name='tls' output-dir='{runs}' data-dir='{data_dir}' {TINY}")
+        _wait(lambda: (federation.statuses() or [""])[0].startswith("finished"), 300, "the run finishing", poll=2)
+        assert federation.statuses() == ["finished:completed"]
+        rows = read_metrics(runs / "tls")
+        assert rows[0]["clients_accepted"] == 2 and rows[0]["test_accuracy"] is not None
     except BaseException:
-        for log in sorted(logs.iterdir()):
-            print(f"==== {log.name}\n{log.read_text()[-3000:]}")
+        federation.dump_logs()
         raise
     finally:
-        _stop(processes)
+        federation.stop()
+
+
+@pytest.mark.slow
+def test_killed_supernodes_do_not_stop_or_hang_the_run(tmp_path, data_dir):
+    federation = LocalFederation(tmp_path, data_dir, secure=False)
+    runs = tmp_path / "runs" / "survivor"
+    try:
+        federation.start_superlink()
+        for pid in range(3):
+            federation.start_supernode(pid, 3)
+        _wait(lambda: federation.online_nodes() == 3, 60, "three nodes online")
+        run_config = (
+            f"num-clients=3 num-rounds=2 name='survivor' output-dir='{runs.parent}' data-dir='{data_dir}' {TINY} "
+            "node-wait-seconds=5 server.min-available=1 server.train-timeout=40"
+        )
+        federation.submit(run_config)
+        # node 2 dies while it trains round 1 ...
+        _wait(lambda: "Receiving: train message" in federation.log("supernode-2"), 180, "node 2 receiving round 1")
+        federation.kill("supernode-2")
+        # ... and node 1 between rounds 1 and 2
+        _wait(lambda: (runs / "metrics.jsonl").is_file(), 240, "round 1 finishing")
+        federation.kill("supernode-1")
+        adapters_seen = 0
+        while not (federation.statuses() or [""])[0].startswith("finished"):
+            adapter = runs / "adapter" / "adapter_model.safetensors"
+            if adapter.is_file():  # whenever it is there, it is a complete adapter
+                assert load_file(str(adapter))
+                adapters_seen += 1
+            time.sleep(1)
+        assert federation.statuses() == ["finished:completed"] and adapters_seen > 0
+        rows = read_metrics(runs)
+        assert [row["round"] for row in rows] == [1, 2]
+        assert rows[0]["clients_failed"] >= 1 and rows[1]["clients_failed"] >= 1
+        reasons = [why for row in rows for why in row["clients_failed_reasons"].values()]
+        assert all(reasons) and rows[1]["clients_accepted"] >= 1
+    except BaseException:
+        federation.dump_logs()
+        raise
+    finally:
+        federation.stop()
