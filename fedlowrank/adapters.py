@@ -16,15 +16,26 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel
 
 from fedlowrank.config import LoraSettings
+from fedlowrank.errors import AdapterConfigError  # noqa: F401  (raised here; defined light for the CLI)
+from fedlowrank.factors import (  # noqa: F401  (re-exported: the adapter-state vocabulary)
+    A_SIDE,
+    B_SIDE,
+    FROZEN_SHARED,
+    LORA_A,
+    LORA_B,
+    RESIDUAL_SUFFIX,
+    LayerFactors,
+    client_rank,
+    factor_keys,
+    factor_state,
+    key_role,
+    layer_name,
+    lora_factors,
+    select_roles,
+    slice_rank,
+    split_residuals,
+)
 
-LORA_A = "lora_A"
-LORA_B = "lora_B"
-# Which side of the adapter a trainable tensor is on: LoRA's A and B, VeRA's λ_d (scales the A side) and
-# λ_b (scales the B side). Methods that share, freeze or keep one side local act on these roles.
-A_SIDE = (f".{LORA_A}.", ".vera_lambda_d")
-B_SIDE = (f".{LORA_B}.", ".vera_lambda_b")
-# VeRA's frozen random projections: regenerated from the seed in every process, never sent.
-FROZEN_SHARED = ("vera_A", "vera_B")
 # Output heads of the task models we support (sequence and image classification: "classifier", e.g. BERT,
 # RoBERTa, ViT; "score": classification heads on causal LMs).
 HEAD_MODULE_NAMES = ("classifier", "score")
@@ -33,18 +44,6 @@ CLASSIFICATION_TASKS = ("seq-cls", "image-cls")
 # peft task types: SEQ_CLS adds the head to modules_to_save itself; image classification has no task type
 # (a plain PeftModel), so its head is listed explicitly.
 PEFT_TASK_TYPES = {"seq-cls": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM, "image-cls": None}
-
-
-class AdapterConfigError(ValueError):
-    """The adapter settings do not fit the model (unknown target module, rank too large, ...)."""
-
-
-@dataclass(frozen=True)
-class LayerFactors:
-    """One adapted linear layer: A (r x d_in) and B (d_out x r) as peft stores them."""
-
-    A: torch.Tensor
-    B: torch.Tensor
 
 
 def head_modules(model: torch.nn.Module) -> list[str]:
@@ -92,21 +91,6 @@ def _freeze_untrained_head(peft_model: PeftModel, task: str, settings: LoraSetti
         for name, param in peft_model.named_parameters():
             if any(f"{head}." in name for head in HEAD_MODULE_NAMES) and key_role(name) == "head":
                 param.requires_grad_(False)
-
-
-def key_role(key: str) -> str:
-    """The side of an adapter-state key: "A", "B", "frozen" (VeRA projections) or "head" (anything else)."""
-    if any(marker in key for marker in A_SIDE):
-        return "A"
-    if any(marker in key for marker in B_SIDE):
-        return "B"
-    if key.rsplit(".", 1)[-1] in FROZEN_SHARED or any(f".{name}." in key for name in FROZEN_SHARED):
-        return "frozen"
-    return "head"
-
-
-def select_roles(state: dict[str, torch.Tensor], *roles: str) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state.items() if key_role(k) in roles and not k.endswith(RESIDUAL_SUFFIX)}
 
 
 def _check_targets(model: torch.nn.Module, settings: LoraSettings) -> None:
@@ -207,69 +191,10 @@ def _state_tensors(model: PeftModel) -> dict[str, torch.Tensor] | None:
     return {key: getattr(module, attribute) for key, (module, attribute) in places.items()}
 
 
-def layer_name(key: str) -> str | None:
-    """``...query.lora_A.weight`` -> ``...query``; None for keys that are not LoRA factors."""
-    for marker in (f".{LORA_A}.", f".{LORA_B}."):
-        if marker in key:
-            return key.split(marker)[0]
-    return None
-
-
-def lora_factors(
-    state: dict[str, torch.Tensor], fill_from: dict[str, LayerFactors] | None = None
-) -> dict[str, LayerFactors]:
-    """Pair A and B per adapted layer.
-
-    A factor missing from ``state`` (a method that uploads only A or only B) is taken from ``fill_from``;
-    without it, both must be present for every layer.
-    """
-    a_parts: dict[str, torch.Tensor] = {}
-    b_parts: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        layer = layer_name(key)
-        if layer is None or not key.endswith(".weight"):
-            continue
-        (a_parts if f".{LORA_A}." in key else b_parts)[layer] = value
-    if fill_from is not None:
-        for layer in set(a_parts) | set(b_parts):
-            a_parts.setdefault(layer, fill_from[layer].A)
-            b_parts.setdefault(layer, fill_from[layer].B)
-    if set(a_parts) != set(b_parts):
-        raise KeyError(f"unpaired LoRA factors for layers {sorted(set(a_parts) ^ set(b_parts))[:5]}")
-    return {layer: LayerFactors(A=a_parts[layer], B=b_parts[layer]) for layer in sorted(a_parts)}
-
-
-def factor_keys(layer: str) -> tuple[str, str]:
-    return f"{layer}.{LORA_A}.weight", f"{layer}.{LORA_B}.weight"
-
-
-def factor_state(factors: dict[str, LayerFactors], with_a: bool = True, with_b: bool = True) -> dict[str, torch.Tensor]:
-    """``{layer: (A, B)}`` back to peft state keys."""
-    state: dict[str, torch.Tensor] = {}
-    for layer, pair in factors.items():
-        key_a, key_b = factor_keys(layer)
-        if with_a:
-            state[key_a] = pair.A
-        if with_b:
-            state[key_b] = pair.B
-    return state
-
-
 # ---- the frozen weight: residuals folded in by FedEx-LoRA and FLoRA ---------------------------------
-# A residual travels as "<layer>.residual": ΔW = s·R in the layer's product orientation (d_out x d_in).
-RESIDUAL_SUFFIX = ".residual"
-
-
-def split_residuals(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Separate ``<layer>.residual`` entries (by layer) from adapter-state entries."""
-    residuals = {k[: -len(RESIDUAL_SUFFIX)]: v for k, v in state.items() if k.endswith(RESIDUAL_SUFFIX)}
-    rest = {k: v for k, v in state.items() if not k.endswith(RESIDUAL_SUFFIX)}
-    return rest, residuals
-
-
 def lora_scale(settings: LoraSettings) -> float:
     """s = α/r, or α/√r with rsLoRA."""
-    return settings.alpha / (settings.r**0.5 if settings.use_rslora else settings.r)
+    return settings.scale
 
 
 def _lora_layer(model: PeftModel, layer: str) -> torch.nn.Module:
@@ -348,11 +273,6 @@ def count_parameters(model: torch.nn.Module) -> ParameterCount:
     )
 
 
-def client_rank(ranks: list[int], partition_id: int, default: int) -> int:
-    """Client ``partition_id``'s LoRA rank under heterogeneous ranks (cycled over the list), else ``default``."""
-    return ranks[partition_id % len(ranks)] if ranks else default
-
-
 @torch.no_grad()
 def restrict_rank(model: PeftModel, rank: int) -> None:
     """Keep only the leading ``rank`` components of every LoRA layer (zero A's other rows, B's other columns).
@@ -366,17 +286,3 @@ def restrict_rank(model: PeftModel, rank: int) -> None:
             param[rank:].zero_()
         elif role == "B" and param.dim() == 2:
             param[:, rank:].zero_()
-
-
-def slice_rank(state: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
-    """The leading ``rank`` components of every LoRA factor in ``state`` (what a rank-r_k client uploads)."""
-    out = {}
-    for key, value in state.items():
-        role = key_role(key)
-        if role == "A" and value.dim() == 2:
-            out[key] = value[:rank].contiguous()
-        elif role == "B" and value.dim() == 2:
-            out[key] = value[:, :rank].contiguous()
-        else:
-            out[key] = value
-    return out

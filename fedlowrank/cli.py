@@ -82,13 +82,11 @@ def _fail(message: str) -> None:
 @contextmanager
 def user_errors(*extra: type[Exception]) -> Iterator[None]:
     """Bad input (config, data, model, adapter) ends the command with its message and exit code 2."""
-    from fedlowrank.adapters import AdapterConfigError
-    from fedlowrank.data import DataError
-    from fedlowrank.models import ModelNotFoundError
+    from fedlowrank.errors import USER_ERRORS
 
     try:
         yield
-    except (ConfigError, DataError, ModelNotFoundError, AdapterConfigError, *extra) as exc:
+    except (*USER_ERRORS, *extra) as exc:
         _fail(str(exc))
     except RuntimeError as exc:  # the federation could not go on (FederationError): its message, exit code 1
         if type(exc).__name__ != "FederationError":

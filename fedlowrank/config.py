@@ -102,6 +102,11 @@ class LoraSettings:
         [], "heterogeneous ranks: client k trains rank client-ranks[k mod len] <= r (empty: every client r)"
     )
 
+    @property
+    def scale(self) -> float:
+        """s = α/r, or α/√r with rsLoRA: a layer's weight is W0 + s·B·A."""
+        return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
+
 
 @dataclass
 class DataSettings:

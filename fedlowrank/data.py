@@ -34,15 +34,12 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, ImageProcessingMixin, PreTrainedTokenizerBase
 
 from fedlowrank.config import DataSettings
+from fedlowrank.errors import DataError  # noqa: F401  (raised here; defined light for the CLI)
 from fedlowrank.hub import hub_reachable
 
 FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 TRAIN_SPLITS = ("train",)
 TEST_SPLITS = ("test", "validation", "valid", "dev")
-
-
-class DataError(ValueError):
-    """The dataset cannot be found, read, or split as configured; the message says how to fix it."""
 
 
 @dataclass

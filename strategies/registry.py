@@ -66,11 +66,10 @@ def load_method_modules(modules: Iterable[str]) -> None:
             if not path.is_file():
                 raise ConfigError(f"method-modules: file not found: {module}")
             name = f"fedlowrank_method_{path.stem}_{abs(hash(str(path)))}"
-            if name not in sys.modules:
-                spec = importlib.util.spec_from_file_location(name, path)
-                loaded = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-                sys.modules[name] = loaded
-                spec.loader.exec_module(loaded)  # type: ignore[union-attr]
+            spec = importlib.util.spec_from_file_location(name, path)
+            loaded = sys.modules.get(name) or importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+            sys.modules[name] = loaded
+            spec.loader.exec_module(loaded)  # type: ignore[union-attr]  (registering again is harmless)
             continue
         try:
             importlib.import_module(module)

@@ -210,9 +210,10 @@ class FederatedRun:
             self.reporter.note(f"round {server_round}: every client has spent its privacy budget; stopping")
             return {"round": server_round, "stopped": "privacy budget exhausted", **privacy}
         reasons = sorted(set(result.failed.values()) | set(result.rejected.values()))[:3]
+        saved = f"is saved after round {server_round - 1}" if server_round > 1 else "has no finished round yet"
         raise FederationError(
             f"round {server_round}: no client returned a result ({'; '.join(reasons) or 'no replies'}). The run "
-            f"is saved after round {server_round - 1}: fix the cause, then continue it with --resume."
+            f"{saved}: fix the cause, then continue it with --resume."
         )
 
     def evaluate(self, server_round: int) -> dict[str, Any]:

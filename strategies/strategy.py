@@ -23,9 +23,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedlowrank.adapters import RESIDUAL_SUFFIX, LayerFactors, factor_state, key_role, lora_factors, lora_scale
 from fedlowrank.checkpoint import prefixed, unprefixed
 from fedlowrank.config import RunConfig
+from fedlowrank.factors import RESIDUAL_SUFFIX, LayerFactors, factor_state, key_role, lora_factors
 from fedlowrank.lowrank import pad_rank, product
 from fedlowrank.metrics import layer_bias, summarize
 from fedlowrank.protocol import (
@@ -485,7 +485,7 @@ def build_strategy(
     return LoRAStrategy(
         method,
         initial_state,
-        scale=lora_scale(config.lora),
+        scale=config.lora.scale,
         sampling=Sampling.from_config(config),
         weighting=config.weighting,
         seed=config.seed,

@@ -19,8 +19,8 @@ from typing import Any, Protocol
 
 import torch
 
-from fedlowrank.adapters import LayerFactors, lora_factors
 from fedlowrank.config import RunConfig
+from fedlowrank.factors import LayerFactors, lora_factors
 from fedlowrank.privacy.accounting import PrivacyAccountant
 from fedlowrank.privacy.user_level import UserLevelLedger, noisy_mean
 from strategies.method import UserDPMode

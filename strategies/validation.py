@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlowrank.adapters import client_rank, key_role, select_roles
+from fedlowrank.factors import client_rank, key_role, select_roles
 from fedlowrank.protocol import MethodSpec, TrainReply, a_checksum
 
 WIRE_DTYPE = torch.float32  # adapters travel in fp32 (fedlowrank.protocol.flower)

@@ -109,7 +109,21 @@ def test_server_stops_clearly_when_too_few_nodes_connect(tiny_config):
     from simulations.grids import InProcessGrid
     from strategies.server_app import FederationError, run_server
 
-    config = tiny_config(**{"num-clients": 3, "node-wait-seconds": 0.5})
+    config = tiny_config(**{"num-clients": 3, "node-wait-seconds": 0.5, "server.min-available": 3})
     grid = InProcessGrid(make_client_app(config), num_nodes=2, run_config=config.to_flat())
-    with pytest.raises(FederationError, match="only 2 node.*num-supernodes=3"):
+    with pytest.raises(FederationError, match="only 2 node.*min-available=3.*num-supernodes=3.*--resume"):
         run_server(grid, config)
+
+
+def test_the_server_goes_on_with_the_nodes_it_has(tiny_config):
+    """After node-wait-seconds a round goes on with the connected nodes (at least server.min-available)."""
+    from clients.client_app import make_client_app
+    from fedlowrank.report import read_metrics
+    from simulations.grids import InProcessGrid, adopt_server_identity
+    from strategies.server_app import run_server
+
+    adopt_server_identity()
+    config = tiny_config(**{"num-clients": 3, "node-wait-seconds": 0.2, "num-rounds": 1, "name": "two-of-three"})
+    grid = InProcessGrid(make_client_app(config), 2, config.to_flat(), node_config={"num-partitions": 3})
+    run_server(grid, config)
+    assert read_metrics(f"{config.output_dir}/two-of-three")[0]["clients_accepted"] == 2

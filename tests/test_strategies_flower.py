@@ -82,13 +82,22 @@ def test_client_state_stores_round_trip(store_kind, tmp_path):
 
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     store = ContextStateStore(context) if store_kind == "context" else DiskStateStore(tmp_path)
-    assert store.load("7", "local") is None
+    assert store.load("7", "local", upto=9) is None
     tensors = {"b": torch.randn(3, 2), "head": torch.arange(4.0)}
-    store.save("7", "local", tensors)
+    store.save("7", "local", tensors, version=2)
     tensors["b"].add_(1)  # the store kept its own copy
-    loaded = store.load("7", "local")
+    loaded = store.load("7", "local", upto=2)
     assert torch.equal(loaded["head"], torch.arange(4.0))
     assert not torch.equal(loaded["b"], tensors["b"])
+    # versions: a round reads what the rounds before it saved; two versions are kept
+    assert store.load("7", "local", upto=1) is None
+    store.save("7", "local", {"head": torch.ones(4)}, version=4)
+    store.save("7", "local", {"head": 2 * torch.ones(4)}, version=5)
+    assert torch.equal(store.load("7", "local", upto=4)["head"], torch.ones(4))
+    assert torch.equal(store.load("7", "local", upto=9)["head"], 2 * torch.ones(4))
+    assert store.load("7", "local", upto=3) is None  # version 2 was pruned once 4 and 5 existed
+    store.save("7", "local", {"head": 3 * torch.ones(4)}, version=5)  # a round run again after a crash
+    assert torch.equal(store.load("7", "local", upto=4)["head"], torch.ones(4))
 
 
 def test_fedsa_keeps_a_distinct_b_per_client_across_rounds(tiny_config):
@@ -101,11 +110,11 @@ def test_fedsa_keeps_a_distinct_b_per_client_across_rounds(tiny_config):
     config = tiny_config(strategy="fedsa", **{"num-rounds": 1})
     grid = InProcessGrid(make_client_app(config), config.num_clients, config.to_flat(), seed=0)
     run_server(grid, config)
-    after_one = {nid: ContextStateStore(ctx).load("", LOCAL_ADAPTER) for nid, ctx in grid.contexts.items()}
+    after_one = {nid: ContextStateStore(ctx).load("", LOCAL_ADAPTER, upto=10**9) for nid, ctx in grid.contexts.items()}
     config.num_rounds = 3
     config.name = "fedsa-3"
     run_server(grid, config)  # the same nodes (same Contexts) continue for three more rounds
-    after_more = {nid: ContextStateStore(ctx).load("", LOCAL_ADAPTER) for nid, ctx in grid.contexts.items()}
+    after_more = {nid: ContextStateStore(ctx).load("", LOCAL_ADAPTER, upto=10**9) for nid, ctx in grid.contexts.items()}
 
     b_keys = [k for k in next(iter(after_more.values())) if ".lora_B." in k]
     assert b_keys and all("classifier" in k or ".lora_B." in k for k in next(iter(after_more.values())))
@@ -116,7 +125,7 @@ def test_fedsa_keeps_a_distinct_b_per_client_across_rounds(tiny_config):
     for nid in grid.contexts:
         assert torch.count_nonzero(after_one[nid][b_keys[0]]) > 0  # trained in round 1 (from B = 0)
         assert not torch.equal(after_one[nid][b_keys[0]], after_more[nid][b_keys[0]])  # and kept training
-        assert ContextStateStore(grid.contexts[nid]).load("", LAST_TRAINED_A) is not None
+        assert ContextStateStore(grid.contexts[nid]).load("", LAST_TRAINED_A, upto=10**9) is not None
     rows = read_metrics(config.output_dir + "/fedsa-3")
     assert all(row["personalization_gap"] > 0 for row in rows[1:])
     assert rows[-1]["test_eval"] == "personalized-mean" and rows[-1]["test_accuracy"] is not None
@@ -174,7 +183,7 @@ def test_fedsa_client_state_on_disk(tiny_config, tmp_path):
         **{"client-state": "disk", "client-state-dir": str(state_dir)},
     )
     run_inprocess(config)
-    files = sorted(state_dir.glob("*/local-adapter.safetensors"))
+    files = sorted(state_dir.glob("*/local-adapter@2.safetensors"))  # versioned by the round that saved it
     assert [f.parent.name for f in files] == ["0", "1", "2"]
     b_key = next(k for k in load_file(str(files[0])) if ".lora_B." in k)
     assert not torch.equal(load_file(str(files[0]))[b_key], load_file(str(files[1]))[b_key])
@@ -191,7 +200,7 @@ def test_fedsa_vera_shares_lambda_d_and_keeps_lambda_b_local(tiny_config):
     config = tiny_config(strategy="fedsa", name="fedsa-vera", **{"lora.adapter": "vera", "lora.r": 16})
     grid = InProcessGrid(make_client_app(config), config.num_clients, config.to_flat(), seed=0)
     run_server(grid, config)
-    local = [ContextStateStore(ctx).load("", LOCAL_ADAPTER) for ctx in grid.contexts.values()]
+    local = [ContextStateStore(ctx).load("", LOCAL_ADAPTER, upto=10**9) for ctx in grid.contexts.values()]
     assert {key_role(k) for k in local[0]} == {"B", "head"}
     lambda_b = next(k for k in local[0] if key_role(k) == "B")
     assert not torch.equal(local[0][lambda_b], local[1][lambda_b])  # each client its own λ_b

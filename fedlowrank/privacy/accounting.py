@@ -95,6 +95,13 @@ class PrivacyAccountant:
 
 
 def opacus_epsilon(history: Sequence[Step], delta: float, kind: str = "prv") -> float:
+    """ε of ``history`` by Opacus' accountant; remembered, since a round asks for the same history twice (the
+    budget check before it, the report after it) and PRV takes about a second each time."""
+    return _opacus_epsilon(tuple(history), float(delta), kind)
+
+
+@functools.lru_cache(maxsize=4096)
+def _opacus_epsilon(history: tuple[Step, ...], delta: float, kind: str) -> float:
     from opacus.accountants import create_accountant
 
     accountant = create_accountant(mechanism=kind)

@@ -73,6 +73,9 @@ TEST_PREFIX = "test-"
 
 
 # ---- tensors -------------------------------------------------------------------------------------------------
+NUMERIC_KINDS = "biuf"  # bool, signed and unsigned integers, floats
+
+
 def state_to_record(state: dict[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord({k: _tensor_to_array(state[k].detach().to("cpu", _wire_dtype(state[k]))) for k in sorted(state)})
 
@@ -122,15 +125,20 @@ def _array_to_tensor(array: Array) -> torch.Tensor:
     unusual (Fortran order, another serialization, a size mismatch) goes through Flower's own reader, and
     what that cannot read either is a malformed message."""
     data = array.data
-    if array.stype == "numpy.ndarray" and data[:6] == b"\x93NUMPY" and data[6] in (1, 2, 3):
-        size_bytes = 2 if data[6] == 1 else 4
-        start = 8 + size_bytes + int.from_bytes(data[8 : 8 + size_bytes], "little")
-        dtype = np.dtype(array.dtype)
-        if b"'fortran_order': False" in data[:start] and len(data) - start == math.prod(array.shape) * dtype.itemsize:
-            flat = np.frombuffer(data, dtype=dtype, offset=start)
-            return torch.from_numpy(flat.reshape(array.shape).copy())
     try:
-        return torch.from_numpy(np.array(array.numpy(), copy=True))
+        dtype = np.dtype(array.dtype)
+        if dtype.kind not in NUMERIC_KINDS:  # object arrays would need pickle: never
+            raise MalformedMessage(f"arrays of dtype {array.dtype!r} are not accepted (numbers only)")
+        if array.stype == "numpy.ndarray" and data[:6] == b"\x93NUMPY" and data[6] in (1, 2, 3):
+            size_bytes = 2 if data[6] == 1 else 4
+            start = 8 + size_bytes + int.from_bytes(data[8 : 8 + size_bytes], "little")
+            fits = len(data) - start == math.prod(array.shape) * dtype.itemsize
+            if b"'fortran_order': False" in data[:start] and fits:
+                flat = np.frombuffer(data, dtype=dtype, offset=start)
+                return torch.from_numpy(flat.reshape(array.shape).copy())
+        return torch.from_numpy(np.array(array.numpy(), copy=True))  # Flower's reader (never unpickles)
+    except MalformedMessage:
+        raise
     except Exception as exc:  # truncated payloads, unknown dtypes: say so instead of crashing the round
         raise MalformedMessage(f"unreadable array ({type(exc).__name__}: {exc})") from exc
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedlowrank.adapters import key_role
+from fedlowrank.factors import key_role
 
 __all__ = [
     "FACTOR_SIDES",

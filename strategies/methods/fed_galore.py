@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from fedlowrank.adapters import lora_factors
 from fedlowrank.config import ConfigError, RunConfig
+from fedlowrank.factors import lora_factors
 from fedlowrank.fed_galore import projected_average, projected_upload_bytes, round_projectors
 from fedlowrank.galore import module_matches
 from fedlowrank.galore_setup import check_fed_galore_rank, fed_galore_modules

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fedlowrank.adapters import LayerFactors
+from fedlowrank.factors import LayerFactors
 from fedlowrank.lowrank import weighted_average
 from strategies.method import NO_OPTIONS, MethodSpec, NoOptions, RoundInput, ServerUpdate, register_method
 

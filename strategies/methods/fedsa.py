@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from fedlowrank.adapters import LayerFactors
+from fedlowrank.factors import LayerFactors
 from fedlowrank.lowrank import weighted_average
 from strategies.method import MethodOptions, MethodSpec, RoundInput, ServerUpdate, option, register_method
 

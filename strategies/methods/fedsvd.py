@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedlowrank.adapters import LayerFactors
+from fedlowrank.factors import LayerFactors
 from fedlowrank.lowrank import refactorize_product, weighted_average
 from strategies.method import MethodOptions, MethodSpec, RoundInput, ServerUpdate, option, register_method
 

@@ -7,7 +7,7 @@ B̄·A = Σ_k p_k B_k A exactly: no aggregation bias.
 
 from __future__ import annotations
 
-from fedlowrank.adapters import LayerFactors
+from fedlowrank.factors import LayerFactors
 from fedlowrank.lowrank import weighted_average
 from strategies.method import NO_OPTIONS, MethodSpec, NoOptions, RoundInput, ServerUpdate, register_method
 

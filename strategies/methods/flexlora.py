@@ -9,7 +9,7 @@ approximation of M* (Eckart–Young), FlexLoRA's per-client truncation.
 
 from __future__ import annotations
 
-from fedlowrank.adapters import LayerFactors
+from fedlowrank.factors import LayerFactors
 from fedlowrank.lowrank import pad_rank, truncated_svd_of_sum
 from strategies.method import NO_OPTIONS, MethodSpec, NoOptions, RoundInput, ServerUpdate, register_method
 

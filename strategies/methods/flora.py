@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from fedlowrank.adapters import LayerFactors
+from fedlowrank.factors import LayerFactors
 from fedlowrank.lowrank import stacked_factors
 from strategies.method import NO_OPTIONS, MethodSpec, NoOptions, RoundInput, ServerUpdate, register_method
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlowrank.adapters import LayerFactors
+from fedlowrank.factors import LayerFactors
 from fedlowrank.lowrank import stacked_factors
 from strategies.method import MethodOptions, MethodSpec, RoundInput, ServerUpdate, UserDPMode, option, register_method
 from strategies.methods.fedit import average_factors

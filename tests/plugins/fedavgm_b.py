@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlowrank.adapters import LayerFactors
+from fedlowrank.factors import LayerFactors
 from fedlowrank.lowrank import weighted_average
 from strategies.method import MethodOptions, MethodSpec, RoundInput, ServerUpdate, option, register_method
 
