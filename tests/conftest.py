@@ -30,22 +30,12 @@ def data_dir() -> Path:
 @pytest.fixture()
 def tiny_config(data_dir, tmp_path):
     """A small but real run: MiniLM on a TREC subset, a few local steps."""
+    from behaviour_fingerprints import base_settings
+
     from fedlowrank.config import RunConfig
 
     def make(**overrides):
-        flat = {
-            "name": "tiny",
-            "output-dir": str(tmp_path / "runs"),
-            "data-dir": str(data_dir),
-            "num-clients": 3,
-            "num-rounds": 2,
-            "data.max-train-examples": 240,
-            "data.max-test-examples": 96,
-            "data.max-length": 32,
-            "data.min-partition-size": 5,
-            "train.local-steps": 3,
-            "train.batch-size": 16,
-        }
+        flat = base_settings(data_dir, tmp_path / "runs", "tiny")  # the fingerprints' frozen tiny run
         flat.update(overrides)
         return RunConfig.from_flat(flat)
 
