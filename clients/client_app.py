@@ -50,7 +50,7 @@ def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
         # a personalised client that never trained has no model of its own: it does not score the test set
         if instruction.test_set and (not instruction.spec.kept_roles() or node.has_trained()):
             on_test = evaluate(node.model, workspace.test_loader(), num_labels)
-            test = {"accuracy": on_test.accuracy, "f1": on_test.macro_f1, "loss": on_test.loss}
+            test = on_test.as_dict()
         reply = EvaluateReply(
             partition_id=node.partition_id,
             num_examples=result.num_examples,

@@ -34,7 +34,7 @@ from fedlowrank.privacy.accounting import (
     PrivacyAccountant,
     PrivacyBudgetExceeded,
     ensure_within_budget,
-    plan_client,
+    plan_for_run,
 )
 from fedlowrank.privacy.dp_sgd import train_private
 from fedlowrank.protocol import (
@@ -150,18 +150,10 @@ class PrivateLoRATrainer(LoRATrainer):
         config = node.config
         saved = node.load_state(DP_STATE) or {}
         accountant = PrivacyAccountant.from_tensor(saved.get("history"), config.dp.accountant)
-        plan = plan_client(
-            dataset_size=len(node.workspace.client_train_dataset(node.partition_id)),
-            batch_size=config.train.batch_size,
-            local_steps=config.train.local_steps,
-            local_epochs=config.train.local_epochs,
-            num_rounds=config.num_rounds,
-            fraction_train=config.fraction_train,
-            target_epsilon=config.dp.epsilon,
-            delta=config.dp.delta,
-            participation=config.dp.participation,
-            accountant=config.dp.accountant,
-            noise_multiplier=float(saved["plan"][0]) if "plan" in saved else config.dp.noise_multiplier,
+        plan = plan_for_run(
+            config,
+            len(node.workspace.client_train_dataset(node.partition_id)),
+            float(saved["plan"][0]) if "plan" in saved else 0.0,
         )
         return plan, accountant
 

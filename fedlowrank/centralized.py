@@ -11,6 +11,7 @@ from typing import Any
 
 from fedlowrank.adapters import count_parameters
 from fedlowrank.config import ConfigError, RunConfig
+from fedlowrank.diagnostics import learning_warning
 from fedlowrank.galore_setup import check_galore_on_lora_factors, lora_base_weights, set_base_trainable
 from fedlowrank.progress import Reporter
 from fedlowrank.report import RunRecorder, check_run_dir, plot_run, read_metrics
@@ -64,10 +65,13 @@ def train_centralized(config: RunConfig, reporter: Reporter | None = None) -> di
         "test_loss": final["test_loss"],
         "wall_time": recorder.elapsed(),
         "unseen_test_labels": workspace.task.unseen_test_labels or None,
+        "learning_warning": learning_warning(final, config.train.lr),
         "plot": str(plot_run(recorder.run_dir)),
         "adapter": str(adapter_dir),
     }
     recorder.write_json("summary.json", summary)
+    if summary["learning_warning"]:
+        reporter.note(summary["learning_warning"])
     reporter.finish(read_metrics(recorder.run_dir), summary)
     return summary
 

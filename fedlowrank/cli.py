@@ -194,7 +194,7 @@ def _sweep_progress(label: str, total: int) -> Iterator[Any]:
     columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, TextColumn("{task.description}"), console=console) as progress:
         task = progress.add_task("", total=total)
-        yield lambda done, _total, cell: progress.update(task, completed=done, description=cell.name)
+        yield lambda done, total, cell: progress.update(task, completed=done, total=total, description=cell.name)
 
 
 # fmt: off
@@ -261,6 +261,94 @@ def sweep_privacy(
             run_privacy_sweep(base, _csv(strategies), eps_values, list(range(seeds)), SweepRun(output, on_cell=advance))
         console.print((output / "privacy.md").read_text())
         console.print(f"wrote {output}/privacy.csv, privacy.md, privacy.png")
+
+
+COMPARED_METHODS = "fedit,ffa,fedsvd,lora-fair,fedsa,fedex"
+
+
+@app.command()
+def compare(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    data_dir: DataDirOption = None,
+    strategies: Annotated[str, typer.Option(help="Comma-separated methods.")] = COMPARED_METHODS,
+    seeds: Annotated[int, typer.Option(help="Seeds of the final runs (0, 1, ..., N-1); at least 5 to report.")] = 5,
+    lrs: Annotated[str, typer.Option(help="Learning-rate grid tuned on validation data.")] = "0.001,0.003,0.01",
+    tune_rounds: Annotated[int, typer.Option(help="Rounds of each tuning run (one seed).")] = 2,
+    reference: Annotated[str, typer.Option(help="The method every other one is compared with (paired).")] = "fedit",
+    output: Annotated[Path, typer.Option(help="Output folder (resumable).")] = Path("runs/compare"),
+) -> None:
+    """Tune each method on the clients' validation splits, run the winners on every seed, and report test
+    accuracy with 95 % intervals and a paired test against the reference (table, CSV and plot)."""
+    import shlex
+    import sys
+
+    with user_errors(ValueError):
+        base = load_config(config, set_, data_dir, None)
+        _quiet_libraries()
+        from simulations.compare import run_comparison
+        from simulations.sweep import SweepRun
+
+        if seeds < 2 or tune_rounds < 1:
+            raise ConfigError("--seeds must be >= 2 and --tune-rounds >= 1")
+        grid = [float(x) for x in _csv(lrs)]
+        command = shlex.join(["fedlowrank", *sys.argv[1:]]) if Path(sys.argv[0]).name == "fedlowrank" else ""
+        methods = _csv(strategies)
+        with _sweep_progress("compare", 0) as advance:
+            run_comparison(
+                base, methods, list(range(seeds)), SweepRun(output, on_cell=advance), lrs=grid,
+                tune_rounds=tune_rounds, reference=reference, command=command,
+            )  # fmt: skip
+    console.print((output / "compare.md").read_text(), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"wrote {output}/compare.md, compare.csv, tuning.csv, compare.png")
+
+
+audit_app = typer.Typer(no_args_is_help=True, help="Empirical checks of the privacy claims.")
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("privacy")
+def audit_privacy(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    data_dir: DataDirOption = None,
+    canaries: Annotated[int, typer.Option(help="Gradient canaries (each included with probability 1/2).")] = 1000,
+    confidence: Annotated[float, typer.Option(help="Confidence of the lower bound.")] = 0.95,
+    mechanism: Annotated[
+        str, typer.Option(help="'opacus' (DP-SGD clients) or 'engine' (the batched engine's clip-and-noise).")
+    ] = "opacus",
+    client: Annotated[list[int] | None, typer.Option(help="Audit only these clients (repeatable).")] = None,
+    output: Annotated[Path, typer.Option(help="Folder for audit.json and audit.md.")] = Path("runs/audit-privacy"),
+    without_noise: Annotated[
+        bool, typer.Option("--test-without-noise", hidden=True, help="Test only: a mechanism that adds no noise.")
+    ] = False,
+) -> None:
+    """A lower bound on each client's ε from one DP-SGD run with canaries (Steinke, Nasr and Jagielski 2023),
+    beside the accountant's ε: a bound above it means the mechanism leaks more than it claims."""
+    import shlex
+
+    from simulations.audit_privacy import audit_clients, audit_table, save_audit
+
+    with user_errors(ValueError):
+        base = load_config(config, set_, data_dir, None)
+        _quiet_libraries(flower=False)
+        results = audit_clients(
+            base, canaries=canaries, confidence=confidence, mechanism=mechanism, clients=client,
+            disable_noise=without_noise,
+        )  # fmt: skip
+    command = shlex.join(
+        ["fedlowrank", "audit", "privacy", *(["--config", str(config)] if config else [])]
+        + [part for pair in set_ or [] for part in ("--set", pair)]
+        + ["--canaries", str(canaries), "--confidence", str(confidence), "--mechanism", mechanism]
+        + [part for k in client or [] for part in ("--client", str(k))]
+        + ["--output", str(output), *(["--test-without-noise"] if without_noise else [])]
+    )
+    json_path, table_path = save_audit(results, output, command)
+    console.print(audit_table(results), highlight=False, markup=False, soft_wrap=True)
+    console.print(f"wrote {json_path} and {table_path}")
+    if any(r.epsilon_lower_bound > r.epsilon_accounted for r in results.values()):
+        console.print("[bold red]the audit found more leakage than the accountant claims[/]")
+        raise typer.Exit(code=1)
 
 
 deploy_app = typer.Typer(no_args_is_help=True, help="Secure deployment on real SuperLink and SuperNodes.")

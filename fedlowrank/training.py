@@ -31,12 +31,16 @@ class EvalResult:
     accuracy: float
     macro_f1: float
     num_examples: int
+    top_class_share: float = float("nan")  # share of the predictions that fall in the most-predicted class
+    label_entropy: float = float("nan")  # H of the labels scored: the loss of the best constant prediction
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
         return {
             f"{prefix}loss": self.loss,
             f"{prefix}accuracy": self.accuracy,
             f"{prefix}f1": self.macro_f1,
+            f"{prefix}top_class_share": self.top_class_share,
+            f"{prefix}label_entropy": self.label_entropy,
         }
 
 
@@ -175,7 +179,16 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, num_labels: int) -> Eva
         accuracy=float(confusion.diag().sum()) / count,
         macro_f1=macro_f1(confusion),
         num_examples=count,
+        top_class_share=float(confusion.sum(dim=0).max()) / count,
+        label_entropy=label_entropy(confusion.sum(dim=1)),
     )
+
+
+def label_entropy(counts: torch.Tensor) -> float:
+    """Entropy (nats) of a label histogram: the cross-entropy of the best prediction that ignores the input."""
+    shares = counts.double() / counts.sum()
+    shares = shares[shares > 0]
+    return float(-(shares * shares.log()).sum())
 
 
 def macro_f1(confusion: torch.Tensor) -> float:

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedlowrank.adapters import count_parameters
 from fedlowrank.checkpoint import crash_point, load_checkpoint, save_checkpoint
 from fedlowrank.config import RunConfig
+from fedlowrank.diagnostics import learning_warning
 from fedlowrank.progress import Reporter
 from fedlowrank.protocol import Refusal, TrainReply
 from fedlowrank.protocol import flower as wire
@@ -254,10 +255,13 @@ class FederatedRun:
             "stopped": self.stopped or None,
             "label_names": self.workspace.task.label_names,
             "unseen_test_labels": self.workspace.task.unseen_test_labels or None,
+            "learning_warning": learning_warning(final, self.config.train.lr),
             "plot": str(plot_run(self.recorder.run_dir)) if rows else None,
             "adapter": str(adapter_dir),
         }
         self.recorder.write_json("summary.json", summary)
+        if summary["learning_warning"]:
+            self.reporter.note(summary["learning_warning"])
         self.reporter.finish(rows, {k: v for k, v in summary.items() if k != "label_names"})
         return summary
 

@@ -441,9 +441,9 @@ class LoRAStrategy(Strategy):
         # Personalised models on the global test set: the plain mean over the clients that scored it (each
         # client's model counts once; clients that never trained have no model of their own and do not score)
         tested = [r for r in scored if r.test]
-        for name in ("accuracy", "f1", "loss"):
-            if tested:
-                metrics[f"test_{name}"] = sum(r.test[name] for r in tested) / len(tested)
+        for name in sorted({name for r in tested for name in r.test}):
+            values = [r.test[name] for r in tested if name in r.test]
+            metrics[f"test_{name}"] = sum(values) / len(values)
         if tested:
             metrics["test_clients_scored"] = len(tested)
         return {key: value for key, value in metrics.items() if value is not None}

@@ -7,6 +7,7 @@ from fedlowrank.privacy.accounting import (
     PrivacyBudgetExceeded,
     calibrate_noise,
     plan_client,
+    plan_for_run,
     pld_epsilon,
 )
 from fedlowrank.privacy.dp_sgd import DPTrainResult, train_private
@@ -22,5 +23,6 @@ __all__ = [
     "clip_and_noise_",
     "pld_epsilon",
     "plan_client",
+    "plan_for_run",
     "train_private",
 ]

@@ -15,9 +15,13 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from fedlowrank.config import RunConfig
 
 ACCOUNTANTS = ("prv", "rdp")
 PARTICIPATION = ("every-round", "expected")
@@ -228,4 +232,21 @@ def plan_client(
         target_epsilon=target_epsilon,
         delta=delta,
         accountant=accountant,
+    )
+
+
+def plan_for_run(config: RunConfig, dataset_size: int, noise_multiplier: float = 0.0) -> ClientDPPlan:
+    """A client's plan under a run config (``noise_multiplier``: the σ fixed at its first round, if any)."""
+    return plan_client(
+        dataset_size=dataset_size,
+        batch_size=config.train.batch_size,
+        local_steps=config.train.local_steps,
+        local_epochs=config.train.local_epochs,
+        num_rounds=config.num_rounds,
+        fraction_train=config.fraction_train,
+        target_epsilon=config.dp.epsilon,
+        delta=config.dp.delta,
+        participation=config.dp.participation,
+        accountant=config.dp.accountant,
+        noise_multiplier=noise_multiplier or config.dp.noise_multiplier,
     )

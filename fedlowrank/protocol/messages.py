@@ -152,7 +152,7 @@ class EvaluateReply:
     accuracy: float
     f1: float
     personalization_gap: float | None = None
-    test: dict[str, float] = field(default_factory=dict)  # "accuracy", "f1", "loss" on the global test set
+    test: dict[str, float] = field(default_factory=dict)  # EvalResult.as_dict() on the global test set
 
 
 class MalformedMessage(ValueError):
