@@ -303,6 +303,36 @@ def compare(
     console.print(f"wrote {output}/compare.md, compare.csv, tuning.csv, compare.png")
 
 
+@app.command("tune")
+def tune_command(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    data_dir: DataDirOption = None,
+    lrs: Annotated[str, typer.Option(help="Learning rates to try.")] = "0.0003,0.001,0.003,0.01",
+    tune_rounds: Annotated[int, typer.Option(help="Rounds of each short run.")] = 2,
+    output: Annotated[Path, typer.Option(help="Output folder (resumable).")] = Path("runs/tune"),
+) -> None:
+    """Find a learning rate that works for the config's method and data, on the clients' validation splits
+    (never the test set): one short run per value, the best one printed and saved in tuning.csv."""
+    with user_errors(ValueError):
+        base = load_config(config, set_, data_dir, None)
+        _quiet_libraries()
+        from simulations.compare import tune
+        from simulations.sweep import SweepRun, markdown_table, write_csv
+        from strategies.registry import resolve_method
+
+        if tune_rounds < 1:
+            raise ConfigError("--tune-rounds must be >= 1")
+        method = resolve_method(base).name
+        grid = [float(x) for x in _csv(lrs)]
+        with _sweep_progress("tune", 0) as advance:
+            best, rows = tune(base, method, grid, tune_rounds, base.seed, SweepRun(output, on_cell=advance))
+        write_csv(rows, output / "tuning.csv")
+    header = [key for key in rows[0] if key != "method"]
+    console.print(markdown_table(header, [[row[key] for key in header] for row in rows]), markup=False)
+    console.print(f"best on validation: {', '.join(f'{k}={v:g}' for k, v in best.items())} (wrote {output}/tuning.csv)")
+
+
 audit_app = typer.Typer(no_args_is_help=True, help="Empirical checks of the privacy claims.")
 app.add_typer(audit_app, name="audit")
 

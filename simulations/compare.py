@@ -64,11 +64,30 @@ def choose(tuned: list[sweep.CellRun]) -> dict[str, Any]:
     return {k: v for k, v in best.cell.overrides.items() if k not in ("strategy", "seed", "num-rounds")}
 
 
+def _within(overrides: dict[str, Any], setting: dict[str, Any]) -> bool:
+    return all(overrides.get(key) == value for key, value in setting.items())
+
+
 def final_cells(method: str, setting: dict[str, Any], seeds: list[int]) -> list[sweep.Cell]:
     return [
         sweep.Cell(f"final_{method}_seed-{seed}", {"strategy": method, "seed": seed, **setting}, {"method": method})
         for seed in seeds
     ]
+
+
+def tune(
+    base: RunConfig, method: str, lrs: list[float], tune_rounds: int, seed: int, run: sweep.SweepRun
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run ``method``'s grid; its best setting by validation accuracy, and one row per grid point."""
+    if base.data.validation_fraction <= 0:
+        raise ConfigError("tuning needs validation data: set data.validation-fraction > 0 (e.g. 0.1)")
+    tuned = sweep.run_cells(base, tuning_cells(method, lrs, tune_rounds, seed), run)
+    best = choose(tuned)
+    rows = [
+        {**r.cell.labels, "validation_accuracy": validation_score(r), "chosen": _within(r.cell.overrides, best)}
+        for r in tuned
+    ]
+    return best, rows
 
 
 def run_comparison(
@@ -87,18 +106,12 @@ def run_comparison(
     reference = get_method(reference).name
     if len(seeds) < 2:
         raise ConfigError("a comparison needs at least 2 seeds for an interval (5 or more to be convincing)")
-    if base.data.validation_fraction <= 0:
+    if base.data.validation_fraction <= 0:  # before any run
         raise ConfigError("tuning needs validation data: set data.validation-fraction > 0 (e.g. 0.1)")
     tuning_rows, chosen = [], {}
     for method in names:
-        cells = tuning_cells(method, list(lrs or DEFAULT_LRS), tune_rounds, seeds[0])
-        tuned = sweep.run_cells(base, cells, run)
-        chosen[method] = choose(tuned)
-        for tuned_run in tuned:
-            picked = tuned_run.cell.overrides.items() >= chosen[method].items()
-            tuning_rows.append(
-                {**tuned_run.cell.labels, "validation_accuracy": validation_score(tuned_run), "chosen": picked}
-            )
+        chosen[method], rows = tune(base, method, list(lrs or DEFAULT_LRS), tune_rounds, seeds[0], run)
+        tuning_rows += rows
         sweep.write_csv(tuning_rows, run.output_dir / "tuning.csv")
     cells = [cell for method in names for cell in final_cells(method, chosen[method], seeds)]
     finals = sweep.run_cells(base, cells, run)
