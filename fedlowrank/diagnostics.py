@@ -31,11 +31,9 @@ def learning_warning(final: dict[str, Any], lr: float) -> str | None:
         )
     if not symptoms:
         return None
-    if share >= COLLAPSE_SHARE:  # one class for everything: usually steps too large for the task
-        fix = f"a lower learning rate (train.lr is {lr:g}; try {lr / 5:g})"
-    else:
-        fix = f"more rounds or local steps, or another learning rate (train.lr is {lr:g})"
+    # both ways lead here: too high a rate collapses a model to one class, too low a rate never leaves the prior
+    fix = f"another learning rate (train.lr is {lr:g}; try {lr / 5:g} and {lr * 5:g}) or more rounds or local steps"
     return (
-        f"the model has not learned: {'; and '.join(symptoms)}. Likely fix: {fix}; tune it on validation data "
-        "with `fedlowrank compare --strategies <method>`, never on the test set."
+        f"the model has not learned: {'; and '.join(symptoms)}. Likely fix: {fix}; `fedlowrank tune` finds a rate "
+        "on the clients' validation data (never the test set)."
     )
