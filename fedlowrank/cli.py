@@ -8,11 +8,13 @@ Flower) inside their bodies, so the core library stays free of both.
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -93,6 +95,22 @@ def user_errors(*extra: type[Exception]) -> Iterator[None]:
             raise
         console.print(f"[bold red]stopped:[/] {exc}")
         raise typer.Exit(code=1) from exc
+
+
+def _command_line() -> str:
+    """The running command, rebuilt from its parsed options (saved beside the results it makes)."""
+    context = click.get_current_context()
+    words = ["fedlowrank", *context.command_path.split()[1:]]
+    for param in context.command.params:
+        value = context.params.get(param.name or "")
+        if not isinstance(param, click.Option) or value in (None, [], ()) or value == param.default:
+            continue
+        if param.is_flag:
+            words += [param.opts[0]] if value else []
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            words += [param.opts[0], str(item)]
+    return shlex.join(words)
 
 
 def _quiet_libraries(flower: bool = True) -> None:
@@ -280,9 +298,6 @@ def compare(
 ) -> None:
     """Tune each method on the clients' validation splits, run the winners on every seed, and report test
     accuracy with 95 % intervals and a paired test against the reference (table, CSV and plot)."""
-    import shlex
-    import sys
-
     with user_errors(ValueError):
         base = load_config(config, set_, data_dir, None)
         _quiet_libraries()
@@ -292,7 +307,7 @@ def compare(
         if seeds < 2 or tune_rounds < 1:
             raise ConfigError("--seeds must be >= 2 and --tune-rounds >= 1")
         grid = [float(x) for x in _csv(lrs)]
-        command = shlex.join(["fedlowrank", *sys.argv[1:]]) if Path(sys.argv[0]).name == "fedlowrank" else ""
+        command = _command_line()
         methods = _csv(strategies)
         with _sweep_progress("compare", 0) as advance:
             run_comparison(
@@ -355,8 +370,6 @@ def audit_privacy(
 ) -> None:
     """A lower bound on each client's ε from one DP-SGD run with canaries (Steinke, Nasr and Jagielski 2023),
     beside the accountant's ε: a bound above it means the mechanism leaks more than it claims."""
-    import shlex
-
     from simulations.audit_privacy import audit_clients, audit_table, save_audit
 
     with user_errors(ValueError):
@@ -366,13 +379,7 @@ def audit_privacy(
             base, canaries=canaries, confidence=confidence, mechanism=mechanism, clients=client,
             disable_noise=without_noise,
         )  # fmt: skip
-    command = shlex.join(
-        ["fedlowrank", "audit", "privacy", *(["--config", str(config)] if config else [])]
-        + [part for pair in set_ or [] for part in ("--set", pair)]
-        + ["--canaries", str(canaries), "--confidence", str(confidence), "--mechanism", mechanism]
-        + [part for k in client or [] for part in ("--client", str(k))]
-        + ["--output", str(output), *(["--test-without-noise"] if without_noise else [])]
-    )
+    command = _command_line()
     json_path, table_path = save_audit(results, output, command)
     console.print(audit_table(results), highlight=False, markup=False, soft_wrap=True)
     console.print(f"wrote {json_path} and {table_path}")

@@ -81,6 +81,7 @@ def test_compare_runs_end_to_end_and_resumes(tmp_path, data_dir):
     ]  # fmt: skip
     table = (tmp_path / "compare.md").read_text()
     assert "95 % CI" in table and "paired Δ vs fedit" in table and (tmp_path / "compare.png").stat().st_size > 0
+    assert "Command: `fedlowrank compare " in table and "--strategies fedit,ffa --seeds 2" in table
     # the finals run at the chosen setting: the tuning winner's learning rate
     chosen_lr = {row["method"]: row["train.lr"] for row in tuning if row["chosen"] == "True"}
     assert {row["method"]: row["train.lr"] for row in finals} == chosen_lr

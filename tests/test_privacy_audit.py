@@ -87,7 +87,9 @@ def test_cli_audits_every_client_and_flags_a_broken_mechanism(tmp_path, data_dir
     done = CliRunner().invoke(app, [*common, *sets, "--output", str(tmp_path / "ok")])
     assert done.exit_code == 0, done.output
     saved = json.loads((tmp_path / "ok" / "audit.json").read_text())
-    assert sorted(saved["clients"]) == ["0", "1", "2"] and "audit privacy" in saved["command"]
+    assert sorted(saved["clients"]) == ["0", "1", "2"]
+    assert saved["command"].startswith("fedlowrank audit privacy ")  # the options as given, to rerun it
+    assert "--canaries 400" in saved["command"] and "--set dp.epsilon=2 --set num-clients=3" in saved["command"]
     for result in saved["clients"].values():
         assert 0 <= result["epsilon_lower_bound"] <= result["epsilon_accounted"] <= 2.0 * (1 + 1e-9)
     assert "ε lower bound" in (tmp_path / "ok" / "audit.md").read_text()
