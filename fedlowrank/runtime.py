@@ -42,6 +42,16 @@ from fedlowrank.models import load_model, load_preprocessor, pick_device
 TRAINABLE_TASKS = ("seq-cls", "image-cls")
 
 
+def load_run_task(config: RunConfig) -> TaskData:
+    """The run's task data (train and global test splits), as every process of the run loads it."""
+    return load_task(config.dataset, config.resolved_data_dir(), config.data, seed=config.seed, task=config.task)
+
+
+def client_partitions(config: RunConfig, task: TaskData) -> list[ClientSplit]:
+    """Each client's train and validation share under ``config`` (deterministic in the seed)."""
+    return partition(task.train, config.data, config.num_clients, config.seed)
+
+
 @dataclass
 class Workspace:
     config: RunConfig
@@ -67,7 +77,7 @@ class Workspace:
 
     @cached_property
     def client_splits(self) -> list[ClientSplit]:
-        return partition(self.task.train, self.config.data, self.config.num_clients, self.config.seed)
+        return client_partitions(self.config, self.task)
 
     def client_split(self, partition_id: int) -> ClientSplit:
         if not 0 <= partition_id < self.config.num_clients:
@@ -173,7 +183,7 @@ def build_workspace(config: RunConfig) -> Workspace:
             "training currently supports task='seq-cls' and task='image-cls'; causal-LM models load with "
             "fedlowrank.models.load_model(task='causal-lm') but have no training loop yet"
         )
-    task = load_task(config.dataset, config.resolved_data_dir(), config.data, seed=config.seed, task=config.task)
+    task = load_run_task(config)
     tokenizer = load_preprocessor(config.model, config.task, config.trust_remote_code)
     device = pick_device(config.device)
     torch.manual_seed(config.seed)  # the new head and the adapter initialisation are functions of the seed

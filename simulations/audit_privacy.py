@@ -12,15 +12,14 @@ from pathlib import Path
 
 from fedlowrank.checkpoint import write_atomic
 from fedlowrank.config import ConfigError, RunConfig
-from fedlowrank.data import load_task, partition
 from fedlowrank.privacy.accounting import plan_for_run
 from fedlowrank.privacy.audit import AuditResult, audit_dp_sgd
+from fedlowrank.runtime import client_partitions, load_run_task
 
 
 def client_train_sizes(config: RunConfig) -> list[int]:
     """How many training examples each client holds under ``config`` (no model is loaded)."""
-    task = load_task(config.dataset, config.resolved_data_dir(), config.data, seed=config.seed, task=config.task)
-    return [len(split.train) for split in partition(task.train, config.data, config.num_clients, config.seed)]
+    return [len(split.train) for split in client_partitions(config, load_run_task(config))]
 
 
 def audit_clients(

@@ -106,8 +106,6 @@ def run_comparison(
     reference = get_method(reference).name
     if len(seeds) < 2:
         raise ConfigError("a comparison needs at least 2 seeds for an interval (5 or more to be convincing)")
-    if base.data.validation_fraction <= 0:  # before any run
-        raise ConfigError("tuning needs validation data: set data.validation-fraction > 0 (e.g. 0.1)")
     tuning_rows, chosen = [], {}
     for method in names:
         chosen[method], rows = tune(base, method, list(lrs or DEFAULT_LRS), tune_rounds, seeds[0], run)
@@ -144,8 +142,8 @@ def write_outputs(
     rows: list[dict[str, Any]], chosen: dict[str, dict[str, Any]], reference: str, output: Path, command: str
 ) -> None:
     sweep.write_csv(rows, output / "compare.csv")
-    table = []
-    for row in summary_rows(rows, reference):
+    summary, table = summary_rows(rows, reference), []
+    for row in summary:
         versus = "(reference)" if row["method"] == reference else "-"
         if "difference" in row:
             versus = f"{row['difference']:+.4f} (p = {row['p_value']:.3g})"
@@ -155,7 +153,7 @@ def write_outputs(
     header = ["method", "test accuracy", "95 % CI", "seeds", f"paired Δ vs {reference}", "tuned on validation"]
     text = "Final test accuracy, each method at its best validation setting\n\n" + sweep.markdown_table(header, table)
     (output / "compare.md").write_text(text + (f"\nCommand: `{command}`\n" if command else ""))
-    plot_comparison(summary_rows(rows, reference), output / "compare.png")
+    plot_comparison(summary, output / "compare.png")
 
 
 def plot_comparison(summary: list[dict[str, Any]], path: Path) -> None:
