@@ -129,22 +129,29 @@ def compare(
                 problems.append(f"round {index + 1}: metric {key!r} missing")
                 continue
             exact = key in EXACT_KEYS or key.startswith("bytes_") or key.startswith("clients_")
-            if not _close(old_value, new_row[key], exact_rtol if exact else rtol):
+            # A bias metric is ‖mean(B)·mean(A) − mean(B·A)‖ / ‖mean(B·A)‖: a rounding change of δ (relative) in the
+            # factors moves it by ~δ in absolute terms, whatever its size, so it is compared to rtol absolutely
+            # (seen: float32 matmuls on another CPU moved a 6e-4 bias by 1.8e-9).
+            absolute = rtol if key.startswith("bias_") and not exact else 0.0
+            if not _close(old_value, new_row[key], exact_rtol if exact else rtol, absolute):
                 problems.append(f"round {index + 1}: {key} was {old_value!r}, now {new_row[key]!r}")
     return problems
 
 
-def _close(old: Any, new: Any, rtol: float) -> bool:
+def _close(old: Any, new: Any, rtol: float, atol: float = 0.0) -> bool:
     if isinstance(old, dict):
-        return isinstance(new, dict) and set(old) == set(new) and all(_close(old[k], new[k], rtol) for k in old)
+        same_keys = isinstance(new, dict) and set(old) == set(new)
+        return same_keys and all(_close(old[k], new[k], rtol, atol) for k in old)
     if isinstance(old, list):
         same_length = isinstance(new, list) and len(old) == len(new)
-        return same_length and all(_close(a, b, rtol) for a, b in zip(old, new, strict=True))
+        return same_length and all(_close(a, b, rtol, atol) for a, b in zip(old, new, strict=True))
     if isinstance(old, float) and isinstance(new, int | float):
         if math.isnan(old):
             return math.isnan(new)
         # atol: bias metrics of "exact" methods are rounding noise (1e-8 .. 1e-16), not behaviour
-        return old == new if rtol == 0 else abs(old - new) <= rtol * abs(old) + (1e-9 if rtol > 1e-9 else 0.0)
+        if rtol == 0:
+            return old == new
+        return abs(old - new) <= rtol * abs(old) + max(atol, 1e-9 if rtol > 1e-9 else 0.0)
     return old == new
 
 
