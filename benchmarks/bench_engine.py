@@ -21,6 +21,11 @@ Prints a table, then one summary line per target it measured, last:
 
     python benchmarks/bench_engine.py --model small --clients 8,32,128,512 --steps 1 --batch 8
     python benchmarks/bench_engine.py --model minilm --clients 32 --steps 4 --batch 16 --sizes equal
+    python benchmarks/bench_engine.py --model decoder --clients 8,32 --steps 2 --batch 4
+
+``--model decoder``: instruction tuning of a config-built Llama (hidden 256, 4 layers, random weights: the
+speed does not depend on them; character tokens) on the shipped GSM8K, 128 tokens, LoRA on q/v; the table
+adds tokens per second (examples/s times the mean tokens of the clients' examples, the same for every mode).
 """
 
 from __future__ import annotations
@@ -68,15 +73,29 @@ def small_model_folder(cache: Path) -> str:
     return str(folder)
 
 
+def decoder_model_folder(cache: Path) -> str:
+    """A Llama-family decoder (hidden 256, 4 layers) built from a config, with a character tokenizer."""
+    from fedlowrank.tiny_models import save_tiny_decoder
+
+    folder = cache / "llama-h256-l4"
+    if not (folder / "config.json").is_file():
+        save_tiny_decoder("llama", folder, hidden=256, layers=4)
+    return str(folder)
+
+
+MODEL_FOLDERS = {"small": small_model_folder, "decoder": decoder_model_folder}
+
+
 def run_config(args: argparse.Namespace, mode: str, clients: int, sizes: str, output: Path):
     from fedlowrank.config import RunConfig
 
     examples = clients * args.steps * args.batch
+    decoder = args.model == "decoder"
     flat = {
         "name": f"{mode}-{clients}-{sizes}",
         "output-dir": str(output),
         "data-dir": args.data_dir,
-        "model": small_model_folder(output) if args.model == "small" else "minilm",
+        "model": MODEL_FOLDERS[args.model](output) if args.model in MODEL_FOLDERS else "minilm",
         "strategy": "fedit",
         "num-clients": clients,
         "num-rounds": args.rounds,
@@ -97,7 +116,18 @@ def run_config(args: argparse.Namespace, mode: str, clients: int, sizes: str, ou
         "train.local-epochs": 1.0,
         "train.lr": 5e-3,
     }
+    if decoder:  # instruction data have no label to skew by: equal (IID) sizes only
+        flat.update({"task": "causal-lm", "dataset": "gsm8k", "data.partitioner": "iid", "data.max-length": 128})
+        flat.update({"data.max-test-examples": 8, "train.generate-examples": 1, "train.max-new-tokens": 1})
     return RunConfig.from_flat(flat)
+
+
+def mean_tokens(workspace, config) -> float:
+    """Mean tokens (padding excluded) of the clients' training examples."""
+    lengths = [
+        len(ids) for pid in range(config.num_clients) for ids in workspace.client_train_dataset(pid)["input_ids"]
+    ]
+    return sum(lengths) / max(len(lengths), 1)
 
 
 class MemoryWatch:
@@ -193,6 +223,10 @@ def worker(args: argparse.Namespace) -> dict:
 
             run_inprocess(config, Reporter())
             seconds, examples = federated_round_time(config)
+    if config.task == "causal-lm":
+        from fedlowrank.runtime import get_workspace
+
+        extra["tokens_per_s"] = examples / seconds * mean_tokens(get_workspace(config), config)
     return {"seconds": seconds, "examples": examples, "examples_per_s": examples / seconds, **extra, **memory.as_dict()}
 
 
@@ -259,7 +293,7 @@ def run_mode(args: argparse.Namespace, mode: str, clients: int, sizes: str) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("minilm", "small"), default="small")
+    parser.add_argument("--model", choices=("minilm", "small", "decoder"), default="small")
     parser.add_argument("--clients", default="8,32,128,512")
     parser.add_argument("--sizes", choices=("equal", "uneven", "both"), default="equal")
     parser.add_argument("--modes", default=",".join(MODES))
@@ -286,6 +320,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown modes {unknown}; choose from {MODES}")
     sizes_list = ["equal", "uneven"] if args.sizes == "both" else [args.sizes]
+    if args.model == "decoder" and sizes_list != ["equal"]:
+        parser.error("--model decoder: instruction data are split IID (no label to skew by); use --sizes equal")
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
     rows = []
     header = f"{'model':7} {'sizes':7} {'K':>4} " + " ".join(f"{m + ' ex/s':>16}" for m in modes)
@@ -319,6 +355,9 @@ def main() -> None:
                 f"{row.get('speedup_vs_flower', float('nan')):15.2f} {memory:>15}",
                 flush=True,
             )
+            if args.model == "decoder":
+                tokens = " ".join(f"{m} {row[m].get('tokens_per_s', float('nan')):.0f}" for m in modes)
+                print(f"  tokens/s: {tokens}")
             for mode in modes:
                 if "error" in row[mode]:
                     print(f"  {mode} failed: {row[mode]['error']}")
@@ -339,6 +378,8 @@ def main() -> None:
             print(f"ratio_to_limit minilm K=32: {row['ratio_to_limit']:.2f}")
         elif row["model"] == "small" and row["clients"] == 512 and "speedup_vs_flower" in row:
             print(f"speedup_vs_flower small K=512: {row['speedup_vs_flower']:.1f}")
+        if row["model"] == "decoder" and "ratio_to_limit" in row:
+            print(f"ratio_to_limit decoder{' gpu' if on_gpu else ''} K={row['clients']}: {row['ratio_to_limit']:.2f}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ heard of, as long as their spec names a local trainer it has (``clients/trainers
 
 from __future__ import annotations
 
+import math
 import time
 
 from flwr.app import Context, Message
@@ -20,7 +21,6 @@ from fedlowrank.checkpoint import crash_point
 from fedlowrank.config import RunConfig
 from fedlowrank.protocol import EvaluateReply, Refusal, TrainReply
 from fedlowrank.protocol import flower as wire
-from fedlowrank.training import evaluate
 
 __all__ = ["app", "make_client_app", "train_batch"]
 
@@ -43,20 +43,20 @@ def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
         instruction = wire.decode_evaluate_instruction(message.content)
         node = ClientNode(context, bound_config, instruction.server_round, instruction.server_round)
         node.load(instruction.state, instruction.spec)
-        workspace, num_labels = node.workspace, node.workspace.task.num_labels
-        result = evaluate(node.model, workspace.client_validation_loader(node.partition_id), num_labels)
+        workspace = node.workspace
+        result = workspace.score("validation", node.partition_id)
         scored = result.num_examples > 0
         test = {}
         # a personalised client that never trained has no model of its own: it does not score the test set
         if instruction.test_set and (not instruction.spec.kept_roles() or node.has_trained()):
-            on_test = evaluate(node.model, workspace.test_loader(), num_labels)
-            test = on_test.as_dict()
+            # the personalised models' last scores: with generated answers for a causal LM
+            test = workspace.score("test", generate=workspace.task.is_instruction).as_dict()
         reply = EvaluateReply(
             partition_id=node.partition_id,
             num_examples=result.num_examples,
             loss=result.loss if scored else 0.0,
             accuracy=result.accuracy if scored else 0.0,
-            f1=result.macro_f1 if scored else 0.0,
+            f1=result.macro_f1 if scored and math.isfinite(result.macro_f1) else 0.0,  # a causal LM has no F1
             personalization_gap=node.personalization_gap() if instruction.spec.kept_roles() else None,
             test=test,
         )

@@ -7,6 +7,7 @@ with ``set_peft_model_state_dict`` and a saved adapter with ``PeftModel.from_pre
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -44,6 +45,18 @@ CLASSIFICATION_TASKS = ("seq-cls", "image-cls")
 # peft task types: SEQ_CLS adds the head to modules_to_save itself; image classification has no task type
 # (a plain PeftModel), so its head is listed explicitly.
 PEFT_TASK_TYPES = {"seq-cls": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM, "image-cls": None}
+
+
+def resolve_targets(model: PreTrainedModel, settings: LoraSettings, task: str) -> LoraSettings:
+    """``settings`` with decoder targets where a causal LM keeps the encoder default (query, value): peft's
+    table of each family's attention projections (Llama, Qwen2, Mistral: q_proj, v_proj; GPT-2: c_attn;
+    GPT-NeoX: query_key_value). Set lora.target-modules to choose others, e.g. the MLP projections too."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as FAMILY_TARGETS
+
+    family = str(getattr(model.config, "model_type", ""))
+    if task != "causal-lm" or settings.target_modules != LoraSettings().target_modules or family not in FAMILY_TARGETS:
+        return settings
+    return dataclasses.replace(settings, target_modules=list(FAMILY_TARGETS[family]))
 
 
 def head_modules(model: torch.nn.Module) -> list[str]:

@@ -14,9 +14,9 @@ from fedlowrank.config import ConfigError, RunConfig
 from fedlowrank.diagnostics import learning_warning
 from fedlowrank.galore_setup import check_galore_on_lora_factors, lora_base_weights, set_base_trainable
 from fedlowrank.progress import Reporter
-from fedlowrank.report import RunRecorder, check_run_dir, plot_run, read_metrics
+from fedlowrank.report import RunRecorder, check_run_dir, plot_run, read_metrics, summary_scores
 from fedlowrank.runtime import get_workspace
-from fedlowrank.training import evaluate, train_local
+from fedlowrank.training import train_local
 
 
 def train_centralized(config: RunConfig, reporter: Reporter | None = None) -> dict[str, Any]:
@@ -50,7 +50,9 @@ def train_centralized(config: RunConfig, reporter: Reporter | None = None) -> di
         )
         reporter.client_finished()
         row = {"round": epoch, "strategy": "centralized", "train_loss": result.loss}
-        row.update(evaluate(workspace.model, workspace.test_loader(), workspace.task.num_labels).as_dict("test_"))
+        generate = workspace.generation_due(epoch, epoch == config.num_rounds)
+        row.update(workspace.score("test", generate=generate).as_dict("test_"))
+        workspace.save_generated_samples(recorder, epoch)
         row.update({"round_time": time.perf_counter() - started, "wall_time": recorder.elapsed()})
         recorder.log(row)
         reporter.round_finished(row)
@@ -60,9 +62,7 @@ def train_centralized(config: RunConfig, reporter: Reporter | None = None) -> di
     final = read_metrics(recorder.run_dir)[-1]
     summary = {
         "run_dir": str(recorder.run_dir),
-        "test_accuracy": final["test_accuracy"],
-        "test_f1": final["test_f1"],
-        "test_loss": final["test_loss"],
+        **summary_scores(final),
         "wall_time": recorder.elapsed(),
         "unseen_test_labels": workspace.task.unseen_test_labels or None,
         "learning_warning": learning_warning(final, config.train.lr),

@@ -129,6 +129,15 @@ class DataSettings:
         0.1, "share of each client's data held out for its validation", minimum=0, below=1
     )
     max_length: int = setting(64, "tokens per example (longer texts are truncated)", minimum=8)
+    prompt_column: str = setting(
+        "", "causal-lm: the prompt column (empty: detected: question/answer, Alpaca, chat messages, ...)"
+    )
+    response_column: str = setting("", "causal-lm: the response column, learned and scored (empty: detected)")
+    prompt_template: str = setting(
+        "",
+        "causal-lm without a chat template: str.format template of the prompt over the row's columns and {prompt} "
+        "(empty: 'Question: {prompt}\nAnswer: ', Alpaca's template for Alpaca rows)",
+    )
     max_train_examples: int = setting(0, "cap the training examples (0: all): smoke tests", minimum=0)
     max_test_examples: int = setting(0, "cap the test examples (0: all)", minimum=0)
     unseen_test_labels: str = setting(
@@ -150,6 +159,15 @@ class TrainSettings:
         0.0, "clip each step's gradient norm to this (0: off; DP-SGD clips per example)", minimum=0
     )
     eval_batch_size: int = setting(128, "batch size of evaluation", minimum=1)
+    generate_every: int = setting(
+        0,
+        "causal-lm: score exact match of generated answers every this many rounds (0: after the last only)",
+        minimum=0,
+    )
+    max_new_tokens: int = setting(256, "causal-lm: most tokens generated per answer (greedy, stops at EOS)", minimum=1)
+    generate_examples: int = setting(
+        200, "causal-lm: test examples whose answers are generated for exact match (0: all)", minimum=0
+    )
 
 
 @dataclass
@@ -291,6 +309,19 @@ class RunConfig:
         [], "extra modules (import names or .py paths) that register methods, e.g. your own method's file"
     )
     trust_remote_code: bool = setting(False, "let transformers run code shipped with a hub model (off: never)")
+    base_dtype: str = setting(
+        "float32",
+        "dtype of the frozen base weights: 'float32', or 'bfloat16' (half the memory; adapters stay float32)",
+        choices=("float32", "bfloat16"),
+    )
+    quantize: str = setting(
+        "",
+        "a 4- or 8-bit frozen base through bitsandbytes ('4bit', '8bit'; CUDA only); empty: none",
+        choices=("", "4bit", "8bit"),
+    )
+    gradient_checkpointing: bool = setting(
+        False, "recompute activations in the backward pass: less memory for long sequences, ~30% slower"
+    )
     resume: bool = setting(False, "continue the run in <output-dir>/<name>/ from its last checkpoint")
     overwrite: bool = setting(False, "replace an existing run in <output-dir>/<name>/ (otherwise it is refused)")
     lora: LoraSettings = field(default_factory=LoraSettings)

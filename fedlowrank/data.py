@@ -36,6 +36,7 @@ from transformers import DataCollatorWithPadding, ImageProcessingMixin, PreTrain
 from fedlowrank.config import DataSettings
 from fedlowrank.errors import DataError  # noqa: F401  (raised here; defined light for the CLI)
 from fedlowrank.hub import hub_reachable
+from fedlowrank.instructions import InstructionCollator, InstructionFormat, detect_format
 
 FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 TRAIN_SPLITS = ("train",)
@@ -44,7 +45,8 @@ TEST_SPLITS = ("test", "validation", "valid", "dev")
 
 @dataclass
 class TaskData:
-    """A labelled classification task (text or images): train and test splits with integer labels."""
+    """A task's train and test splits: a classification task (text or images) with integer labels, or
+    instruction data for a causal LM (``instruction_format`` set; no labels)."""
 
     train: Dataset
     test: Dataset
@@ -58,10 +60,16 @@ class TaskData:
     partition_column: str = ""
     # Labels of the test split that no training example has (kept only with data.unseen-test-labels = "keep").
     unseen_test_labels: list[str] = field(default_factory=list)
+    # Set for task = "causal-lm": how a row becomes a prompt and a response.
+    instruction_format: InstructionFormat | None = None
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+    @property
+    def is_instruction(self) -> bool:
+        return self.instruction_format is not None
 
     @property
     def is_image(self) -> bool:
@@ -153,11 +161,13 @@ def load_task(
     task: str = "seq-cls",
 ) -> TaskData:
     """Load a text (``task = "seq-cls"``) or image (``"image-cls"``) classification task with integer labels
-    and a global test split."""
+    and a global test split, or instruction data (``"causal-lm"``)."""
     raw = load_raw_dataset(name_or_path, data_dir, settings.subset)
     train_split = next((s for s in TRAIN_SPLITS if s in raw), None)
     if train_split is None:
         raise DataError(f"dataset {name_or_path!r} has no train split (splits: {list(raw)})")
+    if task == "causal-lm":
+        return _load_instructions(raw, train_split, name_or_path, settings, test_fraction, seed)
     train = raw[train_split]
     # the first held-out split that carries labels (GLUE's test splits are all -1)
     test_split = next((s for s in TEST_SPLITS if s in raw and _labelled(raw[s], settings.label_column)), None)
@@ -217,6 +227,50 @@ def load_task(
     )
 
 
+LABEL_PARTITIONERS = ("dirichlet", "shards", "label-proportion")
+
+
+def _load_instructions(
+    raw: DatasetDict, train_split: str, name: str, settings: DataSettings, test_fraction: float, seed: int
+) -> TaskData:
+    """Instruction data: train and test splits (a test split carved from train when none ships), the row format
+    detected from the columns, rows without a prompt or response refused."""
+    train = raw[train_split]
+    test_split = next((s for s in TEST_SPLITS if s in raw), None)
+    if test_split is None:
+        parts = train.train_test_split(test_size=test_fraction, seed=seed)
+        train, test = parts["train"], parts["test"]
+    else:
+        test = raw[test_split]
+    fmt = detect_format(train.column_names, settings.prompt_column, settings.response_column, settings.prompt_template)
+    partition_column = settings.partition_column if settings.partitioner == "by-column" else ""
+    skew_column = settings.label_column if settings.partitioner in LABEL_PARTITIONERS else ""
+    for column, hint in ((partition_column, "data.partition-column"), (skew_column, "data.label-column")):
+        if column and column not in train.column_names:
+            raise DataError(
+                f"dataset {name!r} has no column {column!r} for partitioner {settings.partitioner!r} (columns: "
+                f"{train.column_names}). Instruction data have no class label: use data.partitioner = 'iid', or "
+                f"'by-column' with data.partition-column, or set {hint} to a column to split by"
+            )
+    keep = [*fmt.columns, "input", partition_column, skew_column]
+    for split_name, split in (("train", train), ("test", test)):
+        _check_rows(split, split_name, name, [c for c in fmt.columns if c != "messages"], "")
+    train, test = (split.remove_columns([c for c in split.column_names if c not in keep]) for split in (train, test))
+    if settings.max_train_examples:
+        train = train.shuffle(seed=seed).select(range(min(settings.max_train_examples, len(train))))
+    if settings.max_test_examples:
+        test = test.shuffle(seed=seed).select(range(min(settings.max_test_examples, len(test))))
+    return TaskData(
+        train,
+        test,
+        [],
+        fmt.columns[0],
+        skew_column or settings.label_column,
+        partition_column=partition_column,
+        instruction_format=fmt,
+    )
+
+
 def _labelled(split: Dataset, column: str) -> bool:
     if column not in split.column_names or len(split) == 0:
         return True  # let the column and row checks say what is wrong
@@ -240,7 +294,7 @@ def _check_rows(split: Dataset, split_name: str, name: str, text_columns: list[s
     """A split has rows, every row has text and a label: anything else is refused with the row numbers."""
     if len(split) == 0:
         raise DataError(f"dataset {name!r}: the {split_name} split has no rows (only a header?)")
-    for column, what in [*((c, "text") for c in text_columns), (label_column, "label")]:
+    for column, what in [*((c, "text") for c in text_columns), *([(label_column, "label")] if label_column else [])]:
         if any(_blank(v) for v in split[column]):
             raise DataError(
                 f"dataset {name!r}: {split_name} rows {_rows_where(split, column, _blank)} have no {what} in column "
@@ -481,10 +535,12 @@ def make_loader(
     batch_size: int,
     shuffle: bool,
     seed: int = 0,
+    token_labels: bool = False,
 ) -> DataLoader:
     """Text: batches padded to the longest sequence in the batch (fixed-length padding was ~3x slower).
-    Images (``tokenizer`` is an image processor, ``dataset`` from ``prepare_images``): stacked pixel_values."""
-    collator = make_collator(tokenizer)
+    Images (``tokenizer`` is an image processor, ``dataset`` from ``prepare_images``): stacked pixel_values.
+    ``token_labels``: a label per token (instruction data), padded with -100."""
+    collator = make_collator(tokenizer, token_labels)
     if not isinstance(tokenizer, ImageProcessingMixin) and dataset.format["type"] is not None:
         dataset = dataset.with_format(None)  # (images keep their on-the-fly transform)
     generator = torch.Generator().manual_seed(seed)
@@ -492,11 +548,14 @@ def make_loader(
 
 
 def make_collator(
-    tokenizer: PreTrainedTokenizerBase | ImageProcessingMixin,
+    tokenizer: PreTrainedTokenizerBase | ImageProcessingMixin, token_labels: bool = False
 ) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
-    """The batch collator for examples prepared with ``tokenizer``: padding for text, stacking for images."""
+    """The batch collator for examples prepared with ``tokenizer``: padding for text (token labels with -100),
+    stacking for images."""
     if isinstance(tokenizer, ImageProcessingMixin):
         return collate_images
+    if token_labels:
+        return InstructionCollator(tokenizer.pad_token_id)
     return DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from fedlowrank.config import ConfigError
 from fedlowrank.errors import ModelNotFoundError  # noqa: F401  (raised here; defined light for the CLI)
 from fedlowrank.hub import hub_reachable
 
@@ -113,6 +115,8 @@ def load_model(
     label_names: list[str] | None = None,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    *,
+    memory: MemoryOptions | None = None,
 ) -> PreTrainedModel:
     """Load a pretrained model for ``task`` ("seq-cls", "image-cls" or "causal-lm"), move it to ``device``.
 
@@ -148,7 +152,7 @@ def load_model(
                 if model.config.pad_token_id is None:
                     model.config.pad_token_id = config.eos_token_id
         elif task == "causal-lm":
-            model = AutoModelForCausalLM.from_pretrained(path, **hub)
+            model = AutoModelForCausalLM.from_pretrained(path, **hub, **(memory or MemoryOptions()).load_kwargs(device))
         else:
             raise ValueError(f"unknown task {task!r}; use 'seq-cls', 'image-cls' or 'causal-lm'")
     except OSError as exc:
@@ -157,7 +161,57 @@ def load_model(
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-    return model.to(device)
+    if memory is not None and memory.quantize:
+        return memory.prepare(model)  # bitsandbytes placed it already; a quantized model cannot be moved
+    model = model.to(device)
+    return memory.prepare(model) if memory is not None else model
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """How a large causal LM's frozen base is held: bf16 weights, a 4-/8-bit quantized base (bitsandbytes, on
+    CUDA), gradient checkpointing. Adapters are created by peft in float32 whatever the base holds."""
+
+    base_dtype: str = "float32"
+    quantize: str = ""  # "", "4bit" or "8bit"
+    gradient_checkpointing: bool = False
+
+    def load_kwargs(self, device: str | torch.device) -> dict:
+        kwargs: dict = {}
+        if self.base_dtype == "bfloat16":
+            kwargs["dtype"] = torch.bfloat16
+        if self.quantize:
+            if torch.device(device).type != "cuda":
+                raise ConfigError(
+                    f"quantize = '{self.quantize}' needs a CUDA GPU (bitsandbytes' kernels); this run's device is "
+                    f"{device}. Leave quantize empty on a CPU (base-dtype = 'bfloat16' halves memory instead)"
+                )
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    f"quantize = '{self.quantize}' needs bitsandbytes, which is not installed: "
+                    "pip install bitsandbytes (or leave quantize empty)"
+                ) from None
+            from transformers import BitsAndBytesConfig
+
+            compute = torch.bfloat16 if self.base_dtype == "bfloat16" else torch.float32
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=self.quantize == "4bit",
+                load_in_8bit=self.quantize == "8bit",
+                bnb_4bit_compute_dtype=compute,
+                bnb_4bit_quant_type="nf4",
+            )
+            kwargs["device_map"] = {"": torch.device(device).index or 0}
+        return kwargs
+
+    def prepare(self, model: PreTrainedModel) -> PreTrainedModel:
+        if self.gradient_checkpointing:
+            # the frozen embeddings give no gradient: the checkpointed blocks need an input that asks for one
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+            model.config.use_cache = False
+        return model
 
 
 def pick_device(requested: str = "auto") -> torch.device:

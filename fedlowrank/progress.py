@@ -18,6 +18,8 @@ ROUND_COLUMNS = (
     ("test_loss", "test loss", "{:.4f}"),
     ("test_accuracy", "test acc", "{:.2%}"),
     ("test_f1", "test F1", "{:.3f}"),
+    ("test_perplexity", "test ppl", "{:.2f}"),
+    ("test_exact_match", "test EM", "{:.2%}"),
     ("client_eval_accuracy", "client val acc", "{:.2%}"),
     ("dp_epsilon_max", "max ε", "{:.2f}"),
     ("bytes_down", "MB down", "{:.2f}"),
@@ -51,7 +53,7 @@ class Reporter:
         log.warning(text)
 
     def round_finished(self, row: dict[str, Any]) -> None:
-        log.info(" | ".join(f"{h}={format_cell(k, f, row)}" for k, h, f in ROUND_COLUMNS))
+        log.info(" | ".join(f"{h}={format_cell(k, f, row)}" for k, h, f in ROUND_COLUMNS if k in row))
 
     def finish(self, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         log.info("finished: %s", summary)
@@ -103,10 +105,12 @@ class RichReporter(Reporter):
     def finish(self, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         self.progress.stop()
         table = Table(title="per-round results")
-        for _, header, _ in ROUND_COLUMNS:
+        # the columns this run has (a causal LM has perplexity, not F1; a run without DP no ε)
+        columns = [column for column in ROUND_COLUMNS if any(row.get(column[0]) is not None for row in rows)]
+        for _, header, _ in columns:
             table.add_column(header, justify="right")
         for row in rows:
-            table.add_row(*(format_cell(k, f, row) for k, _, f in ROUND_COLUMNS))
+            table.add_row(*(format_cell(k, f, row) for k, _, f in columns))
         self.console.print(table)
         for key, value in summary.items():
             self.console.print(f"[bold]{key}[/]: {value}")

@@ -140,8 +140,18 @@ PLOTTED = (
     ("test_loss", "test loss"),
     ("test_accuracy", "test accuracy"),
     ("test_f1", "test macro-F1"),
+    ("test_exact_match", "test exact match"),
     ("client_eval_accuracy", "client validation accuracy"),
 )
+# The final test scores a run's summary carries (those its task has: a causal LM has no F1, a classifier no
+# perplexity); accuracy is per token for a causal LM.
+SUMMARY_SCORES = ("test_accuracy", "test_f1", "test_loss", "test_perplexity", "test_exact_match")
+
+
+def summary_scores(final: dict[str, Any]) -> dict[str, Any]:
+    """The final metrics row's test scores, for a summary: accuracy, F1 and loss always (None when absent)."""
+    scores = {key: final.get(key) for key in SUMMARY_SCORES}
+    return {key: value for key, value in scores.items() if value is not None or key in SUMMARY_SCORES[:3]}
 
 
 def plot_run(run_dir: str | Path) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -22,6 +23,7 @@ from fedlowrank.adapters import (
     attach_lora,
     base_weights,
     load_adapter_state,
+    resolve_targets,
     set_base_residuals,
     split_residuals,
 )
@@ -37,9 +39,9 @@ from fedlowrank.data import (
     prepare_images,
     tokenize,
 )
-from fedlowrank.models import load_model, load_preprocessor, pick_device
-
-TRAINABLE_TASKS = ("seq-cls", "image-cls")
+from fedlowrank.instructions import exact_match, perplexity, response_scores, tokenize_instructions
+from fedlowrank.models import MemoryOptions, load_model, load_preprocessor, pick_device
+from fedlowrank.training import EvalResult, evaluate
 
 
 def load_run_task(config: RunConfig) -> TaskData:
@@ -67,6 +69,8 @@ class Workspace:
     # The frozen weights under the LoRA layers, to restore before applying a folded residual.
     base_weights: dict[str, torch.Tensor]
     _tokenized: dict[tuple[str, int], Dataset] = field(default_factory=dict)
+    # causal-lm: the last exact-match evaluation's first few (prompt, generated, reference) triples
+    generated_samples: list[dict[str, str]] = field(default_factory=list)
 
     def load_global(self, state: dict[str, torch.Tensor]) -> None:
         """Set the model to the initial adapter overwritten by ``state`` (adapter keys and residuals)."""
@@ -91,6 +95,10 @@ class Workspace:
             self._tokenized[key] = prepare_images(
                 dataset, self.tokenizer, self.task.image_column, self.task.label_column
             )
+        if key not in self._tokenized and self.task.is_instruction:
+            self._tokenized[key] = tokenize_instructions(
+                dataset, self.tokenizer, self.task.instruction_format, self.config.data.max_length
+            )
         if key not in self._tokenized:
             self._tokenized[key] = tokenize(
                 dataset,
@@ -104,7 +112,10 @@ class Workspace:
 
     def client_train_loader(self, partition_id: int, seed: int) -> DataLoader:
         data = self._tokenized_split("train", partition_id, self.client_split(partition_id).train)
-        return make_loader(data, self.tokenizer, self.config.train.batch_size, shuffle=True, seed=seed)
+        return self._loader(data, self.config.train.batch_size, shuffle=True, seed=seed)
+
+    def _loader(self, data: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+        return make_loader(data, self.tokenizer, batch_size, shuffle, seed, token_labels=self.task.is_instruction)
 
     def client_train_dataset(self, partition_id: int) -> Dataset:
         """This client's model-ready training examples (DP-SGD draws its own Poisson batches from them)."""
@@ -116,20 +127,59 @@ class Workspace:
     @cached_property
     def collator(self):
         """Batches ``client_train_dataset`` rows: per-batch padding (text) or stacked pixel values (images)."""
-        return make_collator(self.tokenizer)
+        return make_collator(self.tokenizer, token_labels=self.task.is_instruction)
 
     def client_validation_loader(self, partition_id: int) -> DataLoader:
         data = self._tokenized_split("validation", partition_id, self.client_split(partition_id).validation)
-        return make_loader(data, self.tokenizer, self.config.train.eval_batch_size, shuffle=False)
+        return self._loader(data, self.config.train.eval_batch_size, shuffle=False)
 
     def train_loader(self, seed: int) -> DataLoader:
         """The whole training set (centralized training)."""
         data = self._tokenized_split("train-all", 0, self.task.train)
-        return make_loader(data, self.tokenizer, self.config.train.batch_size, shuffle=True, seed=seed)
+        return self._loader(data, self.config.train.batch_size, shuffle=True, seed=seed)
 
     def test_loader(self) -> DataLoader:
         data = self._tokenized_split("test", 0, self.task.test)
-        return make_loader(data, self.tokenizer, self.config.train.eval_batch_size, shuffle=False)
+        return self._loader(data, self.config.train.eval_batch_size, shuffle=False)
+
+    def generation_due(self, server_round: int, last_round: bool) -> bool:
+        """causal-lm: whether this round's evaluation generates answers (exact match)."""
+        every = self.config.train.generate_every
+        return self.task.is_instruction and (last_round or (every > 0 and server_round % every == 0))
+
+    def save_generated_samples(self, recorder: Any, server_round: int) -> None:
+        """causal-lm: the last exact-match evaluation's first answers (prompt, generated, reference) to
+        ``generations.json`` in the run folder, to read what the model says; nothing when none were generated."""
+        if self.generated_samples:
+            recorder.write_json("generations.json", {"round": server_round, "samples": self.generated_samples})
+            self.generated_samples = []
+
+    def score(self, split: str = "test", partition_id: int = 0, *, generate: bool = False) -> EvalResult:
+        """The model as it is now on the global test split (``"test"``) or a client's validation split: a
+        classifier's loss, accuracy and F1; a causal LM's response-token loss, token accuracy and perplexity,
+        and with ``generate`` the exact match of its greedy answers (first ``train.generate-examples`` rows)."""
+        if split == "test":
+            loader, rows = self.test_loader(), self.task.test
+        else:
+            loader, rows = self.client_validation_loader(partition_id), self.client_split(partition_id).validation
+        if not self.task.is_instruction:
+            return evaluate(self.model, loader, self.task.num_labels)
+        loss, accuracy, count = response_scores(self.model, loader)
+        result = EvalResult(loss, accuracy, float("nan"), count, perplexity=perplexity(loss))
+        if generate:
+            settings = self.config.train
+            if settings.generate_examples:
+                rows = rows.select(range(min(settings.generate_examples, len(rows))))
+            result.exact_match, self.generated_samples = exact_match(
+                self.model,
+                self.tokenizer,
+                rows,
+                self.task.instruction_format,
+                max_length=self.config.data.max_length,
+                max_new_tokens=settings.max_new_tokens,
+                batch_size=settings.eval_batch_size,
+            )
+        return result
 
 
 _WORKSPACES: dict[str, Workspace] = {}
@@ -146,6 +196,7 @@ def _workspace_key(config: RunConfig) -> str:
         "seed": config.seed,
         "device": config.device,
         "trust-remote-code": config.trust_remote_code,
+        "memory": [config.base_dtype, config.quantize, config.gradient_checkpointing],
         "lora": config.to_dict()["lora"],
         "data": config.to_dict()["data"],
     }
@@ -178,11 +229,6 @@ def _check_max_length(model: torch.nn.Module, config: RunConfig) -> None:
 
 
 def build_workspace(config: RunConfig) -> Workspace:
-    if config.task not in TRAINABLE_TASKS:
-        raise ConfigError(
-            "training currently supports task='seq-cls' and task='image-cls'; causal-LM models load with "
-            "fedlowrank.models.load_model(task='causal-lm') but have no training loop yet"
-        )
     task = load_run_task(config)
     tokenizer = load_preprocessor(config.model, config.task, config.trust_remote_code)
     device = pick_device(config.device)
@@ -194,8 +240,9 @@ def build_workspace(config: RunConfig) -> Workspace:
         task.label_names,
         device=device,
         trust_remote_code=config.trust_remote_code,
+        memory=MemoryOptions(config.base_dtype, config.quantize, config.gradient_checkpointing),
     )
     _check_max_length(model, config)
-    peft_model = attach_lora(model, config.lora, config.task)
+    peft_model = attach_lora(model, resolve_targets(model, config.lora, config.task), config.task)
     # fields in order: config, model, tokenizer, task, device, initial_state, base_weights
     return Workspace(config, peft_model, tokenizer, task, device, adapter_state(peft_model), base_weights(peft_model))

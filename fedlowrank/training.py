@@ -33,8 +33,17 @@ class EvalResult:
     num_examples: int
     top_class_share: float = float("nan")  # share of the predictions that fall in the most-predicted class
     label_entropy: float = float("nan")  # H of the labels scored: the loss of the best constant prediction
+    # Causal LMs: loss and accuracy are per response token; perplexity = exp(loss); exact match when generated
+    perplexity: float | None = None
+    exact_match: float | None = None
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
+        if self.perplexity is not None:
+            scores = {f"{prefix}loss": self.loss, f"{prefix}accuracy": self.accuracy}
+            scores[f"{prefix}perplexity"] = self.perplexity
+            if self.exact_match is not None:
+                scores[f"{prefix}exact_match"] = self.exact_match
+            return scores
         return {
             f"{prefix}loss": self.loss,
             f"{prefix}accuracy": self.accuracy,
@@ -88,6 +97,25 @@ def cycle_batches(loader: DataLoader, steps: int) -> Iterator[dict]:
                 return
 
 
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each example's loss (B,): cross-entropy of its class (labels (B,)), or the sum of its token losses
+    over the tokens whose label is not -100 (labels (B, T): a causal LM's next-token targets).
+
+    The one definition every trainer uses (plain, DP-SGD, the batched engine): the summed token loss is
+    what DP-SGD clips per example, so the non-private paths minimise the same objective."""
+    if labels.dim() == 1:
+        return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    from fedlowrank.instructions import token_losses
+
+    return token_losses(logits, labels).sum(dim=1)
+
+
+def batch_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The mean over the batch's examples of ``per_example_loss``."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return per_example_loss(model(**inputs).logits, batch["labels"]).mean()
+
+
 def training_step(
     model: torch.nn.Module,
     batch: dict,
@@ -95,8 +123,7 @@ def training_step(
     trainable: list[torch.nn.Parameter],
     max_grad_norm: float = 0.0,
 ) -> float:
-    outputs = model(**batch)
-    loss = outputs.loss
+    loss = batch_loss(model, batch)
     loss.backward()
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)

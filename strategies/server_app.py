@@ -24,9 +24,8 @@ from fedlowrank.diagnostics import learning_warning
 from fedlowrank.progress import Reporter
 from fedlowrank.protocol import Refusal, TrainReply
 from fedlowrank.protocol import flower as wire
-from fedlowrank.report import RunRecorder, check_run_dir, plot_run, read_metrics
+from fedlowrank.report import RunRecorder, check_run_dir, plot_run, read_metrics, summary_scores
 from fedlowrank.runtime import Workspace, get_workspace
-from fedlowrank.training import evaluate
 from strategies.registry import resolve_method
 from strategies.strategy import FederationError, LoRAStrategy, TrainRoundResult, build_strategy
 
@@ -91,8 +90,8 @@ class GlobalEvaluation:
         if server_round % self.every and not last_round:
             return {}
         self.workspace.load_global(strategy.global_model_state())
-        loader = self.workspace.test_loader()
-        return evaluate(self.workspace.model, loader, self.workspace.task.num_labels).as_dict("test_")
+        generate = self.workspace.generation_due(server_round, last_round)
+        return self.workspace.score("test", generate=generate).as_dict("test_")
 
 
 class PersonalizedEvaluation:
@@ -225,7 +224,9 @@ class FederatedRun:
         if messages:
             replies = self.grid.send_and_receive(messages, timeout=self.timeout)
             metrics = self.strategy.evaluate_round(server_round, replies)
-        return {**metrics, **self.evaluation.server_metrics(server_round, last_round, self.strategy)}
+        metrics = {**metrics, **self.evaluation.server_metrics(server_round, last_round, self.strategy)}
+        self.workspace.save_generated_samples(self.recorder, server_round)
+        return metrics
 
     def _save_adapter(self) -> Path:
         """The global adapter as a standard peft adapter folder (for a method whose clients keep their own B:
@@ -244,9 +245,7 @@ class FederatedRun:
         final = next((row for row in reversed(rows) if "test_accuracy" in row), rows[-1] if rows else {})
         summary = {
             "run_dir": str(self.recorder.run_dir),
-            "test_accuracy": final.get("test_accuracy"),
-            "test_f1": final.get("test_f1"),
-            "test_loss": final.get("test_loss"),
+            **summary_scores(final),
             "dp_epsilon_max": self.ledger.update([])["dp_epsilon_max"] if self.ledger is not None else None,
             "bytes_down_total": self.traffic.down_total,
             "bytes_up_total": self.traffic.up_total,

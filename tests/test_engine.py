@@ -118,8 +118,8 @@ def test_batched_grid_runs_the_same_federation_as_the_sequential_path(workspace,
 @pytest.mark.parametrize(
     ("sigma", "clip", "kind", "trains_a"),
     [
-        (0.0, 1e3, "sgd", True),  # noise off, nothing clipped: plain per-example sums
-        (0.0, 0.05, "adamw", True),  # noise off, every example clipped
+        (0.0, 1e3, "sgd", True),  # σ from a budget of 50 (small), nothing clipped
+        (0.0, 0.05, "adamw", True),  # σ from a budget of 50 (small), every example clipped
         (0.8, 0.5, "adamw", True),  # noise on: each client's own noise stream, as Opacus draws it
         (0.8, 0.5, "sgd", False),  # B only (FFA, FedSVD under DP)
     ],

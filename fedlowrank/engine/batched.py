@@ -38,13 +38,14 @@ from torch.autograd.function import once_differentiable
 from torch.utils.data import DataLoader, Dataset
 
 from fedlowrank.config import TrainSettings
+from fedlowrank.instructions import IGNORE_INDEX
 from fedlowrank.kernels import multi_lora, per_sample_lora_grads, uses_triton
 from fedlowrank.privacy.accounting import ClientDPPlan, PrivacyAccountant, ensure_within_budget
 from fedlowrank.privacy.clipping import clipped_sums, noisy_mean_
 from fedlowrank.privacy.dp_sgd import DPTrainResult, PoissonBatches
-from fedlowrank.training import TrainResult, cycle_batches, make_optimizer, planned_steps
+from fedlowrank.training import TrainResult, cycle_batches, make_optimizer, per_example_loss, planned_steps
 
-PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0}
+PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX}
 
 
 @dataclass
@@ -407,7 +408,7 @@ def _forward_backward(
         }
         labels = inputs.pop("labels")
         context.client_index = owner[chunk].to(device)
-        per_example = nn.functional.cross_entropy(model(**inputs).logits, labels, reduction="none")
+        per_example = per_example_loss(model(**inputs).logits, labels)
         (per_example * scale[chunk].to(device)).sum().backward()
         for p in per_sample_params:  # per-example gradients of this chunk, kept in processing order
             samples[id(p)].append(p.grad_sample)
