@@ -16,7 +16,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo train test test-fast lint flwr-run clean
+.PHONY: install demo train test test-fast lint flwr-run gpu-wheels gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,21 @@ lint: $(STAMP)
 flwr-run: $(STAMP)  ## the same app through Flower's own simulation engine (`flwr run .`)
 	PATH=$(abspath $(VENV))/bin:$$PATH FLWR_HOME=$(abspath .flwr) $(VENV)/bin/flwr run . --stream \
 	  --federation-config "num-supernodes=10" --run-config "data-dir='$(FEDLOWRANK_DATA)'"
+
+# benchmarks/gpu_check.py on a GPU machine whose Python has torch, triton, transformers and peft (and numpy,
+# scipy, rich, safetensors) but no network: `make gpu-wheels` here (PyPI reachable) fetches what else it needs
+# into $(GPU_WHEELS) (< 1 MiB), which travels with the repository; `make gpu-check` there installs and runs it.
+GPU_WHEELS      ?= .whl
+GPU_WHEEL_SPECS ?= opacus==1.6.0 tomli-w==1.2.0
+GPU_PYTHON      ?= python3
+
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux2014_x86_64 -d $(GPU_WHEELS) $(GPU_WHEEL_SPECS)
+
+gpu-check:  ## every open GPU question in a few minutes: benchmarks/results/gpu/gpu_check.json
+	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $(GPU_WHEELS)/*.whl
+	PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
