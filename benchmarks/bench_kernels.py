@@ -15,35 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from timing import median_seconds  # benchmarks/timing.py (this script's folder)
 
 from fedlowrank.kernels import multi_lora, multi_lora_forward_segmented, per_sample_grad_norms_sq, sort_by_client
 from fedlowrank.kernels import reference as ref
 from fedlowrank.kernels.reference import grouped_mm_supported
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds per call after one warm-up call."""
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def _ragged_sizes(n_clients: int, mean: int, gen: torch.Generator) -> torch.Tensor:
@@ -92,7 +74,7 @@ def bench_case(d: int, k_clients: int, r: int, t_len: int, mean: int, dtype, dev
 
     row = {"d": d, "K": k_clients, "r": r, "T": t_len, "N": n_ex, "tokens": n_ex * t_len}
     for name, fn in {**impls, **norms}.items():
-        row[name] = _time(fn, device, repeats)
+        row[name] = median_seconds(fn, device, repeats)
     return row
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -35,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]  # run as a script, by runpy, or imported by the tests
+from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
+
 SECTIONS = ("kernels", "dp_fused", "engine")
 # max |got − want| / max |want| allowed per dtype: fp32 accumulates in a different order; bf16 has 8 bits
 TOLERANCE = {"float32": 1e-3, "bfloat16": 3e-2}
@@ -73,26 +75,6 @@ def resolve_device(requested: str):
     return device
 
 
-def synchronize(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call (compilation, autotuning, caches)."""
-    fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 # ---- kernels -------------------------------------------------------------------------------------------------
 def check_kernels(device, args: argparse.Namespace) -> dict[str, Any]:
     import torch
@@ -119,8 +101,8 @@ def check_kernels(device, args: argparse.Namespace) -> dict[str, Any]:
                 for g, w in zip(got, want, strict=True)
             )
             tolerance = TOLERANCE[str(dtype).removeprefix("torch.")]
-            triton_s = timed(lambda run=run: run("triton"), device, args.repeats)
-            reference_s = timed(lambda run=run: run("reference"), device, args.repeats)
+            triton_s = median_seconds(lambda run=run: run("triton"), device, args.repeats)
+            reference_s = median_seconds(lambda run=run: run("reference"), device, args.repeats)
             results.append(
                 {
                     "kernel": name,
@@ -235,7 +217,7 @@ def check_dp_fused(device, args: argparse.Namespace) -> dict[str, Any]:
         load_adapter_state(model, start)
         train_local(model, loader(rows, batch, 0), settings, "adamw")
 
-    private_s, plain_s = timed(private, device, args.repeats), timed(plain, device, args.repeats)
+    private_s, plain_s = median_seconds(private, device, args.repeats), median_seconds(plain, device, args.repeats)
     return {
         "status": "ok",
         "examples": size,
@@ -290,7 +272,7 @@ def check_engine(device, args: argparse.Namespace) -> dict[str, Any]:
 
     runs = {"batched": batched, "sequential": sequential}
     runs.update({"centralized_plain": centralized_plain, "centralized_chunked": centralized_chunked})
-    seconds = {name: timed(fn, device, args.repeats) for name, fn in runs.items()}
+    seconds = {name: median_seconds(fn, device, args.repeats) for name, fn in runs.items()}
     seconds["centralized"] = min(seconds["centralized_plain"], seconds["centralized_chunked"])
     rate = {name: examples / s for name, s in seconds.items()}
     return {
@@ -323,7 +305,6 @@ def environment(device) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    sys.path.insert(0, str(REPO))
     import torch
 
     device = resolve_device(args.device)

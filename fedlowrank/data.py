@@ -205,15 +205,9 @@ def load_task(
             "'keep' to keep them (they are reported in the run's summary)"
         )
     train, test, label_names = _encode_labels(train, test, settings.label_column)
-    keep = [*inputs, settings.label_column, partition_column]
-    train = train.remove_columns([c for c in train.column_names if c not in keep])
-    test = test.remove_columns([c for c in test.column_names if c not in keep])
+    train, test = _keep_and_cap(train, test, [*inputs, settings.label_column, partition_column], settings, seed)
     if image:
         train, test = (_as_images(split, settings.image_column) for split in (train, test))
-    if settings.max_train_examples:
-        train = train.shuffle(seed=seed).select(range(min(settings.max_train_examples, len(train))))
-    if settings.max_test_examples:
-        test = test.shuffle(seed=seed).select(range(min(settings.max_test_examples, len(test))))
     return TaskData(
         train,
         test,
@@ -252,14 +246,9 @@ def _load_instructions(
                 f"{train.column_names}). Instruction data have no class label: use data.partitioner = 'iid', or "
                 f"'by-column' with data.partition-column, or set {hint} to a column to split by"
             )
-    keep = [*fmt.columns, "input", partition_column, skew_column]
     for split_name, split in (("train", train), ("test", test)):
         _check_rows(split, split_name, name, [c for c in fmt.columns if c != "messages"], "")
-    train, test = (split.remove_columns([c for c in split.column_names if c not in keep]) for split in (train, test))
-    if settings.max_train_examples:
-        train = train.shuffle(seed=seed).select(range(min(settings.max_train_examples, len(train))))
-    if settings.max_test_examples:
-        test = test.shuffle(seed=seed).select(range(min(settings.max_test_examples, len(test))))
+    train, test = _keep_and_cap(train, test, [*fmt.columns, "input", partition_column, skew_column], settings, seed)
     return TaskData(
         train,
         test,
@@ -269,6 +258,19 @@ def _load_instructions(
         partition_column=partition_column,
         instruction_format=fmt,
     )
+
+
+def _keep_and_cap(
+    train: Dataset, test: Dataset, keep: list[str], settings: DataSettings, seed: int
+) -> tuple[Dataset, Dataset]:
+    """Only the ``keep`` columns, and at most ``data.max-train-examples`` / ``max-test-examples`` rows (a seeded
+    shuffle first, so a cap is a random subset, not the file's first rows)."""
+    train, test = (split.remove_columns([c for c in split.column_names if c not in keep]) for split in (train, test))
+    if settings.max_train_examples:
+        train = train.shuffle(seed=seed).select(range(min(settings.max_train_examples, len(train))))
+    if settings.max_test_examples:
+        test = test.shuffle(seed=seed).select(range(min(settings.max_test_examples, len(test))))
+    return train, test
 
 
 def _labelled(split: Dataset, column: str) -> bool:
