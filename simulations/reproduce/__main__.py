@@ -1,0 +1,5 @@
+import sys
+
+from simulations.reproduce.report import main
+
+main(sys.argv[1:])
