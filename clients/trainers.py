@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from clients.node import ClientNode
-from fedlowrank.adapters import adapter_state, restrict_rank, set_trainable
+from fedlowrank.adapters import adapter_state, lora_targets, restrict_rank, set_trainable
 from fedlowrank.config import RunConfig
 from fedlowrank.engine import PlainData, PrivateData
 from fedlowrank.galore_setup import fed_galore_client_train, fed_galore_modules
@@ -209,7 +209,10 @@ class ProjectedFullWeightTrainer(LoRATrainer):
             node.workspace.client_train_loader(node.partition_id, prepared.seed),
             config.train,
             config.galore,
-            fed_galore_modules(config.galore, config.lora.target_modules),
+            fed_galore_modules(
+                config.galore,
+                lora_targets(config.model, config.task, config.lora.target_modules, config.trust_remote_code),
+            ),
             basis_seed=prepared.instruction.seed,
             server_round=prepared.instruction.server_round,
             seed=prepared.seed,

@@ -8,6 +8,7 @@ with ``set_peft_model_state_dict`` and a saved adapter with ``PeftModel.from_pre
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -47,16 +48,42 @@ CLASSIFICATION_TASKS = ("seq-cls", "image-cls")
 PEFT_TASK_TYPES = {"seq-cls": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM, "image-cls": None}
 
 
-def resolve_targets(model: PreTrainedModel, settings: LoraSettings, task: str) -> LoraSettings:
-    """``settings`` with decoder targets where a causal LM keeps the encoder default (query, value): peft's
-    table of each family's attention projections (Llama, Qwen2, Mistral: q_proj, v_proj; GPT-2: c_attn;
-    GPT-NeoX: query_key_value). Set lora.target-modules to choose others, e.g. the MLP projections too."""
+def family_targets(model_type: str, task: str, targets: list[str]) -> list[str]:
+    """``targets``, or a decoder family's attention projections where a causal LM keeps the encoder default
+    (query, value): peft's table (Llama, Qwen2, Mistral: q_proj, v_proj; GPT-2: c_attn; GPT-NeoX:
+    query_key_value). Set lora.target-modules to choose others, e.g. the MLP projections too."""
     from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as FAMILY_TARGETS
 
-    family = str(getattr(model.config, "model_type", ""))
-    if task != "causal-lm" or settings.target_modules != LoraSettings().target_modules or family not in FAMILY_TARGETS:
-        return settings
-    return dataclasses.replace(settings, target_modules=list(FAMILY_TARGETS[family]))
+    if task != "causal-lm" or list(targets) != LoraSettings().target_modules or model_type not in FAMILY_TARGETS:
+        return list(targets)
+    return list(FAMILY_TARGETS[model_type])
+
+
+def resolve_targets(model: PreTrainedModel, settings: LoraSettings, task: str) -> LoraSettings:
+    """``settings`` with ``family_targets`` for this loaded model."""
+    targets = family_targets(str(getattr(model.config, "model_type", "")), task, settings.target_modules)
+    return dataclasses.replace(settings, target_modules=targets)
+
+
+@functools.lru_cache(maxsize=16)
+def _model_type(model: str, trust_remote_code: bool) -> str:
+    from transformers import AutoConfig
+
+    from fedlowrank.models import _hub_kwargs, resolve_model_path
+
+    try:
+        path = resolve_model_path(model)
+        return str(AutoConfig.from_pretrained(path, **_hub_kwargs(path, trust_remote_code)).model_type)
+    except Exception:  # unreadable here: the model's load reports it; the configured targets stand until then
+        return ""
+
+
+def lora_targets(model: str, task: str, targets: list[str], trust_remote_code: bool = False) -> list[str]:
+    """``family_targets`` before the model is loaded (its config.json read once): what the server's and the
+    clients' code that names the adapted modules (fed-galore's trained weights, config checks) use."""
+    if task != "causal-lm" or list(targets) != LoraSettings().target_modules:
+        return list(targets)
+    return family_targets(_model_type(model, trust_remote_code), task, targets)
 
 
 def head_modules(model: torch.nn.Module) -> list[str]:
@@ -122,6 +149,8 @@ def _check_targets(model: torch.nn.Module, settings: LoraSettings) -> None:
                 f"Linear layer names here: {', '.join(suffixes)}"
             )
         for module in matches:
+            if not module.weight.is_floating_point():  # a 4-/8-bit packed weight: its shape is not the layer's
+                continue
             rows, cols = module.weight.shape
             if settings.r > min(rows, cols):
                 raise AdapterConfigError(
@@ -242,6 +271,12 @@ def set_base_residuals(
                 continue
             module = _lora_layer(model, layer)
             weight = module.base_layer.weight
+            if not weight.is_floating_point():
+                raise AdapterConfigError(
+                    f"layer {layer} holds a 4-/8-bit quantized weight, into which a method's residual (FedEx, FLoRA, "
+                    "fed-galore) cannot be folded: leave quantize empty for this method (base-dtype = 'bfloat16' "
+                    "halves memory instead)"
+                )
             weight.copy_(original)
             changed.discard(layer)
             if layer in residuals:

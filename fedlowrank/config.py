@@ -136,7 +136,7 @@ class DataSettings:
     prompt_template: str = setting(
         "",
         "causal-lm without a chat template: str.format template of the prompt over the row's columns and {prompt} "
-        "(empty: 'Question: {prompt}\nAnswer: ', Alpaca's template for Alpaca rows)",
+        "(empty: 'Question: {prompt}\nAnswer:', Alpaca's template for Alpaca rows)",
     )
     max_train_examples: int = setting(0, "cap the training examples (0: all): smoke tests", minimum=0)
     max_test_examples: int = setting(0, "cap the test examples (0: all)", minimum=0)
@@ -422,6 +422,15 @@ class RunConfig:
             not self.dp.user_level or self.weighting == "uniform",
             'user-level DP bounds each client\'s influence only with equal weights: set weighting = "uniform"',
         )
+        need(
+            self.task == "causal-lm" or (self.base_dtype == "float32" and not self.quantize),
+            "base-dtype and quantize apply to task = 'causal-lm' (classification heads train in float32)",
+        )
+        need(
+            not (self.gradient_checkpointing and self.dp.sample_level and self.dp.engine == "hooks"),
+            "gradient-checkpointing re-runs forwards in the backward pass, which Opacus' hooks would record twice: "
+            "use dp.engine = 'fused' with it, or turn gradient-checkpointing off",
+        )
         self._validate_galore(need)
 
     def _validate_galore(self, need: Any) -> None:
@@ -437,12 +446,16 @@ class RunConfig:
             galore.moment_policy in MOMENT_POLICIES,
             f"galore.moment-policy must be one of {', '.join(MOMENT_POLICIES)}, got {galore.moment_policy!r}",
         )
-        unwrapped = [m for m in galore.train_modules if m not in self.lora.target_modules]
-        need(
-            not unwrapped,
-            f"galore.train-modules {unwrapped} are not in lora.target-modules {self.lora.target_modules}: only "
-            "the base weights under LoRA layers can be unfrozen (the workspace restores exactly those)",
-        )
+        if galore.train_modules:
+            from fedlowrank.adapters import lora_targets  # reads the model's config.json for a causal LM
+
+            targets = lora_targets(self.model, self.task, self.lora.target_modules, self.trust_remote_code)
+            unwrapped = [m for m in galore.train_modules if m not in targets]
+            need(
+                not unwrapped,
+                f"galore.train-modules {unwrapped} are not in lora.target-modules {targets}: only the base weights "
+                "under LoRA layers can be unfrozen (the workspace restores exactly those)",
+            )
         need(
             not (self.optimizer == "galore" and self.dp.sample_level),
             "DP-SGD (dp.epsilon > 0) does not support GaLore yet",

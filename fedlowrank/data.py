@@ -248,7 +248,8 @@ def _load_instructions(
             )
     for split_name, split in (("train", train), ("test", test)):
         _check_rows(split, split_name, name, [c for c in fmt.columns if c != "messages"], "")
-    train, test = _keep_and_cap(train, test, [*fmt.columns, "input", partition_column, skew_column], settings, seed)
+    keep = [*fmt.columns, *fmt.template_fields, "input", partition_column, skew_column]
+    train, test = _keep_and_cap(train, test, keep, settings, seed)
     return TaskData(
         train,
         test,

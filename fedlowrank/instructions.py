@@ -17,6 +17,7 @@ of its prompt first: the response is what is learned, and the end of the prompt 
 
 from __future__ import annotations
 
+import decimal
 import hashlib
 import math
 import re
@@ -36,7 +37,7 @@ if TYPE_CHECKING:  # the engine imports this module; a GPU machine without datas
 
 IGNORE_INDEX = -100  # label of a token the loss skips (prompt, padding): torch's cross_entropy default
 ANSWER_MARK = "####"  # GSM8K: the final answer follows this mark
-QUESTION_TEMPLATE = "Question: {prompt}\nAnswer: "
+QUESTION_TEMPLATE = "Question: {prompt}\nAnswer:"
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -75,14 +76,29 @@ class InstructionFormat:
             has_input = bool(str(row.get("input") or "").strip())
             template = self.template or (ALPACA_INPUT_TEMPLATE if has_input else ALPACA_TEMPLATE)
             fields = {**row, "prompt": row["instruction"], "input": row.get("input") or ""}
-            return template.format_map(fields), str(row["output"])
+            prompt = template.format_map(fields)
+            return prompt, _joined(prompt, str(row["output"]))
         template = self.template or QUESTION_TEMPLATE
-        return template.format_map({**row, "prompt": row[self.prompt_column]}), str(row[self.response_column])
+        prompt = template.format_map({**row, "prompt": row[self.prompt_column]})
+        return prompt, _joined(prompt, str(row[self.response_column]))
+
+    @property
+    def template_fields(self) -> list[str]:
+        """The names ``template`` formats (row columns the data must keep, and ``prompt``)."""
+        return sorted({name for _, name, _, _ in string.Formatter().parse(self.template) if name})
 
     @property
     def prompt_has_special_tokens(self) -> bool:
         """A chat template writes the BOS itself; other prompts get the tokenizer's special tokens."""
         return self.kind != "chat"
+
+
+def _joined(prompt: str, response: str) -> str:
+    """The response as it follows the prompt: after a space when the prompt ends on a word ("Answer:"), so that
+    a byte-level BPE tokenizer sees " 72", the way pretraining text has it, and not a lone space token."""
+    if prompt and not prompt[-1].isspace() and response and not response[0].isspace():
+        return " " + response
+    return response
 
 
 def _render_chat(messages: list[dict], tokenizer: PreTrainedTokenizerBase, template: str) -> tuple[str, str]:
@@ -124,10 +140,7 @@ def detect_format(columns: list[str], prompt_column: str = "", response_column: 
 
 
 def _check_template(fmt: InstructionFormat, columns: list[str]) -> None:
-    if not fmt.template:
-        return
-    fields = {name for _, name, _, _ in string.Formatter().parse(fmt.template) if name}
-    unknown = sorted(fields - {*columns, "prompt", "input"})
+    unknown = sorted(set(fmt.template_fields) - {*columns, "prompt", "input"})
     if unknown:
         raise DataError(
             f"data.prompt-template names {unknown}, which are not columns of the data ({columns}) nor {{prompt}}"
@@ -140,10 +153,12 @@ def encode_example(
 ) -> dict[str, list[int]]:
     """``input_ids`` = prompt + response + EOS, ``labels`` = -100 over the prompt, the response tokens after.
 
-    Over ``max_length``, the prompt gives way first (its start is cut, a leading BOS kept) down to half the
-    length; only then is the response's end cut."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=prompt_special)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    The text is tokenized whole where the prompt's tokens start it, so the response's tokens are those the
+    model would see in running text (see ``_split_tokens``). Over
+    ``max_length``, the prompt gives way first (its start is cut, a leading BOS kept) down to half the length;
+    only then is the response's end cut."""
+    prompt_ids, response_ids = _split_tokens(prompt, response, tokenizer, prompt_special)
+    response_ids = response_ids + [tokenizer.eos_token_id]
     keep_response = min(len(response_ids), max_length - min(len(prompt_ids), max_length // 2))
     prompt_ids = _keep_end(prompt_ids, max_length - keep_response, tokenizer.bos_token_id)
     response_ids = response_ids[:keep_response]
@@ -152,6 +167,23 @@ def encode_example(
         "attention_mask": [1] * (len(prompt_ids) + len(response_ids)),
         "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
     }
+
+
+def _split_tokens(
+    prompt: str, response: str, tokenizer: PreTrainedTokenizerBase, prompt_special: bool
+) -> tuple[list[int], list[int]]:
+    """(prompt tokens, response tokens): of ``prompt + response`` tokenized as one text when its start is the
+    prompt's own tokens (the prompt ends where a token ends, as "Answer:" before " 72" does), else of the two
+    tokenized apart (a prompt whose last token would merge with the response's first)."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=prompt_special)["input_ids"]
+    whole = tokenizer(prompt + response, add_special_tokens=prompt_special)["input_ids"]
+    if whole[: len(prompt_ids)] == prompt_ids:
+        tail = whole[len(prompt_ids) :]
+        specials = set(tokenizer.all_special_ids)
+        while tail and tail[-1] in specials:  # an EOS the tokenizer adds itself: ours is appended once
+            tail = tail[:-1]
+        return prompt_ids, tail
+    return prompt_ids, tokenizer(response, add_special_tokens=False)["input_ids"]
 
 
 def encode_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase, max_length: int, special: bool = True) -> list[int]:
@@ -220,21 +252,21 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 # ---- answers --------------------------------------------------------------------------------------
-NUMBER = re.compile(r"-?\s*\$?\s*\d[\d,]*(?:\.\d+)?")
+NUMBER = re.compile(r"-?\s*\$?\s*(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 
 
 def final_answer(text: str) -> str | None:
-    """The number after the last ``####`` (GSM8K), normalised: no commas, no ``$``, no trailing zero decimals
-    (``1,000.50`` → ``1000.5``, ``-3.0`` → ``-3``); None when there is no mark or no number after it."""
+    """The number after the first ``####`` (GSM8K), normalised: no commas, no ``$``, no leading or trailing
+    zeros (``1,000.50`` → ``1000.5``, ``-3.0`` → ``-3``, ``.5`` → ``0.5``); None when there is no mark or no
+    number after it. The first mark: a model that does not stop may go on to invent another question."""
     if ANSWER_MARK not in text:
         return None
-    match = NUMBER.search(text.rsplit(ANSWER_MARK, 1)[1])
+    match = NUMBER.search(text.split(ANSWER_MARK, 1)[1])
     if match is None:
         return None
-    number = re.sub(r"[\s$,]", "", match.group())
-    if "." in number:
-        number = number.rstrip("0").rstrip(".")
-    return "0" if number in ("-0", "") else number
+    number = decimal.Decimal(re.sub(r"[\s$,]", "", match.group()))
+    text = format(number.normalize(), "f")
+    return "0" if text == "-0" else text
 
 
 def answers_match(prediction: str, reference: str) -> bool:
@@ -250,6 +282,8 @@ def answers_match(prediction: str, reference: str) -> bool:
 def response_scores(model: nn.Module, loader: DataLoader) -> tuple[float, float, int]:
     """(mean NLL per response token, next-token accuracy on response tokens, examples) over ``loader``."""
     device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # no dropout while scoring
     total, correct, tokens, examples = 0.0, 0, 0, 0
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -260,6 +294,7 @@ def response_scores(model: nn.Module, loader: DataLoader) -> tuple[float, float,
         correct += int(((logits[:, :-1].argmax(dim=-1) == labels[:, 1:]) & counted).sum())
         tokens += int(counted.sum())
         examples += int(labels.shape[0])
+    model.train(was_training)
     if tokens == 0:
         return float("nan"), float("nan"), examples
     return total / tokens, correct / tokens, examples
@@ -276,6 +311,7 @@ def generate_responses(
     """Greedy continuations of token prompts, batched with left padding, each stopped at EOS."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = stop_tokens(model, tokenizer)
     texts = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -287,14 +323,21 @@ def generate_responses(
             attention_mask=attention,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stops,
             pad_token_id=pad,
+            use_cache=True,  # also where gradient checkpointing turned the model's cache off
         )
         for row in output[:, width:].tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[: row.index(tokenizer.eos_token_id)]
-            texts.append(tokenizer.decode(row, skip_special_tokens=True))
+            end = next((i for i, token in enumerate(row) if token in stops), len(row))
+            texts.append(tokenizer.decode(row[:end], skip_special_tokens=True))
     return texts
+
+
+def stop_tokens(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokenizer's EOS and every end token of the model's generation config (e.g. Llama-3's end of turn)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    return sorted({t for t in [tokenizer.eos_token_id, *configured] if t is not None})
 
 
 def exact_match(

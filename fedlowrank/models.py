@@ -177,9 +177,8 @@ class MemoryOptions:
     gradient_checkpointing: bool = False
 
     def load_kwargs(self, device: str | torch.device) -> dict:
-        kwargs: dict = {}
-        if self.base_dtype == "bfloat16":
-            kwargs["dtype"] = torch.bfloat16
+        # always explicit: transformers 5 otherwise loads the checkpoint's own dtype (often bf16)
+        kwargs: dict = {"dtype": torch.bfloat16 if self.base_dtype == "bfloat16" else torch.float32}
         if self.quantize:
             if torch.device(device).type != "cuda":
                 raise ConfigError(
@@ -210,7 +209,6 @@ class MemoryOptions:
             # the frozen embeddings give no gradient: the checkpointed blocks need an input that asks for one
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-            model.config.use_cache = False
         return model
 
 

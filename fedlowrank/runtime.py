@@ -226,6 +226,13 @@ def _check_max_length(model: torch.nn.Module, config: RunConfig) -> None:
             f"data.max-length={config.data.max_length} exceeds the {positions} positions model {config.model!r} "
             f"has: use data.max-length <= {positions}"
         )
+    generated = config.train.max_new_tokens if config.task == "causal-lm" else 0
+    if generated and positions and config.data.max_length + generated > positions:
+        raise ConfigError(
+            f"a prompt of up to data.max-length={config.data.max_length} tokens plus train.max-new-tokens="
+            f"{generated} generated ones exceeds the {positions} positions model {config.model!r} has: make their "
+            f"sum <= {positions}"
+        )
 
 
 def build_workspace(config: RunConfig) -> Workspace:

@@ -56,7 +56,7 @@ def lm_config(model, dataset, tmp_path, **overrides) -> RunConfig:
         "train.batch-size": 16,
         "train.local-steps": 2,
         "train.lr": 3e-3,
-        "train.max-new-tokens": 8,
+        "train.max-new-tokens": 10,
         "train.generate-examples": 40,
         "lora.r": 16,
         "lora.alpha": 32.0,
@@ -91,6 +91,28 @@ def test_loss_mask_covers_exactly_the_response_and_eos(decoders, family):
     assert bool((batch["input_ids"][1][pads] == tokenizer.pad_token_id).all())
 
 
+def test_a_byte_level_bpe_sees_the_response_as_running_text():
+    """Tokenized whole, " 72" after "Answer:" is the one token running text has, not a lone space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    corpus = [f"Question: what is {n}?\nAnswer: {n} apples. #### {n}" for n in range(60, 90)] * 5
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>")
+    prompt, response = detect_format(["question", "answer"]).render(
+        {"question": "what is 72?", "answer": "72 apples. #### 72"}, tokenizer
+    )
+    example = encode_example(prompt, response, tokenizer, max_length=64)
+    whole = tokenizer(prompt + response)["input_ids"]
+    assert example["input_ids"] == whole + [tokenizer.eos_token_id]  # exactly the running text's tokens
+    learned = [t for t in example["labels"] if t != IGNORE_INDEX]
+    assert tokenizer.decode(learned[:-1]) == response == " 72 apples. #### 72"
+    assert tokenizer.convert_ids_to_tokens(learned[0]) != "Ġ"  # the space is part of the first response token
+
+
 def test_truncation_keeps_the_response_and_the_end_of_the_prompt(decoders):
     from fedlowrank.models import load_tokenizer
 
@@ -114,19 +136,19 @@ def test_row_formats_are_detected_and_rendered(decoders):
 
     tokenizer = load_tokenizer(str(decoders["gpt2"]))
     gsm = detect_format(["question", "answer"])
-    assert gsm.render({"question": "2+2?", "answer": "#### 4"}, tokenizer) == ("Question: 2+2?\nAnswer: ", "#### 4")
+    assert gsm.render({"question": "2+2?", "answer": "#### 4"}, tokenizer) == ("Question: 2+2?\nAnswer:", " #### 4")
     alpaca = detect_format(["instruction", "input", "output"])
     with_input = alpaca.render({"instruction": "Add", "input": "2 and 2", "output": "4"}, tokenizer)
     without = alpaca.render({"instruction": "Add", "input": "", "output": "4"}, tokenizer)
     assert "### Input:\n2 and 2" in with_input[0] and "### Input" not in without[0]
-    assert with_input[0].endswith("### Response:\n") and with_input[1] == "4"
+    assert with_input[0].endswith("### Response:\n") and with_input[1] == "4"  # after a newline: no space
     chat = detect_format(["messages"])
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     assert chat.render({"messages": messages}, tokenizer) == ("User: hi\nAssistant: ", "hello")  # no template
     tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
     assert chat.render({"messages": messages}, tokenizer) == ("<user>hi<assistant>", "hello")
-    custom = detect_format(["q", "a"], "q", "a", template="Q: {prompt} ->")
-    assert custom.render({"q": "x", "a": "y"}, tokenizer) == ("Q: x ->", "y")
+    custom = detect_format(["q", "a"], "q", "a", template="Q: {prompt} -> ")
+    assert custom.render({"q": "x", "a": "y"}, tokenizer) == ("Q: x -> ", "y")
     with pytest.raises(DataError, match="prompt-column"):
         detect_format(["text", "label"])
     with pytest.raises(DataError, match="not columns"):
@@ -144,7 +166,10 @@ def test_row_formats_are_detected_and_rendered(decoders):
         ("#### 12.0", "12"),
         ("#### $1,234.5", "1234.5"),
         ("#### 5 apples", "5"),
-        ("first #### 3 then #### 8", "8"),
+        ("#### 3\nQuestion: more? #### 8", "3"),  # the first mark: the rest is a model rambling on
+        ("#### .5", "0.5"),
+        ("#### 007", "7"),
+        ("#### 1,000.00", "1000"),
         ("no mark 7", None),
         ("#### none", None),
     ],
@@ -212,13 +237,13 @@ def test_centralized_tuning_learns_the_task_and_the_adapter_reloads_with_plain_p
     assert summary["test_exact_match"] >= 0.5, summary
     assert summary["test_perplexity"] == pytest.approx(math.exp(summary["test_loss"]))
     saved = json.loads((Path(summary["run_dir"]) / "generations.json").read_text())
-    assert saved["round"] == 1 and saved["samples"][0]["reference"].startswith("#### ")
+    assert saved["round"] == 1 and saved["samples"][0]["reference"].startswith(" #### ")
     # plain peft on the saved folder generates the same tokens
-    prompts = [encode_prompt(f"Question: What is {a} + 1?\nAnswer: ", workspace.tokenizer, 48) for a in (23, 57, 89)]
-    ours = generate_responses(workspace.model, workspace.tokenizer, prompts, 8, 3)
+    prompts = [encode_prompt(f"Question: What is {a} + 1?\nAnswer:", workspace.tokenizer, 48) for a in (23, 57, 89)]
+    ours = generate_responses(workspace.model, workspace.tokenizer, prompts, 10, 3)
     base = AutoModelForCausalLM.from_pretrained(str(decoders["llama"]))
     reloaded = PeftModel.from_pretrained(base, summary["adapter"]).eval()
-    assert generate_responses(reloaded, workspace.tokenizer, prompts, 8, 3) == ours
+    assert generate_responses(reloaded, workspace.tokenizer, prompts, 10, 3) == ours
 
 
 @pytest.mark.parametrize(("strategy", "lr"), [("fedit", 3e-3), ("fedsa", 3e-3), ("ffa", 1e-2)])
@@ -230,7 +255,7 @@ def test_federated_tuning_learns_the_task(decoders, addition, tmp_path, strategy
         addition,
         tmp_path,
         strategy=strategy,
-        **{"num-rounds": 3, "train.local-steps": 60, "train.lr": lr, "lora.target-modules": ALL_LINEAR},
+        **{"num-rounds": 3, "train.local-steps": 80, "train.lr": lr, "lora.target-modules": ALL_LINEAR},
     )
     summary = run_inprocess(config)
     rows = [json.loads(line) for line in (tmp_path / "runs" / "lm" / "metrics.jsonl").read_text().splitlines()]
@@ -468,7 +493,7 @@ def test_the_paper_config_runs_on_the_shipped_gsm8k(decoders, data_dir, tmp_path
         "output-dir": str(tmp_path),
         "num-rounds": 1,
         "base-dtype": "float32",
-        "data.max-length": 256,
+        "data.max-length": 200,
         "data.max-train-examples": 30,
         "data.max-test-examples": 4,
         "train.local-steps": 2,
@@ -477,3 +502,29 @@ def test_the_paper_config_runs_on_the_shipped_gsm8k(decoders, data_dir, tmp_path
     config = RunConfig.from_toml(paper, [f"{key}={json.dumps(value)}" for key, value in overrides.items()])
     summary = run_inprocess(config)
     assert math.isfinite(summary["test_loss"]) and 0.0 <= summary["test_exact_match"] <= 1.0
+
+
+def test_settings_that_cannot_work_are_refused_up_front(decoders, addition, tmp_path):
+    from fedlowrank.config import ConfigError
+    from fedlowrank.runtime import build_workspace
+
+    with pytest.raises(ConfigError, match="apply to task = 'causal-lm'"):
+        RunConfig.from_flat({"task": "seq-cls", "base-dtype": "bfloat16"})
+    with pytest.raises(ConfigError, match="Opacus' hooks would record twice"):
+        lm_config(decoders["llama"], addition, tmp_path, **{"gradient-checkpointing": True, "dp.epsilon": 8.0})
+    # 256 positions: a 200-token prompt leaves room for 56 generated tokens, not 100
+    too_long = lm_config(decoders["llama"], addition, tmp_path, **{"data.max-length": 200, "train.max-new-tokens": 100})
+    with pytest.raises(ConfigError, match="make their sum <= 256"):
+        build_workspace(too_long)
+
+
+def test_eval_scores_do_not_depend_on_the_training_mode(decoders, addition, tmp_path):
+    """Scoring switches dropout off (and restores the mode): the same loss from a model left in train mode."""
+    from fedlowrank.runtime import get_workspace
+
+    workspace = get_workspace(lm_config(decoders["gpt2"], addition, tmp_path, **{"lora.dropout": 0.5}))
+    workspace.model.eval()
+    reference = workspace.score("test").loss
+    workspace.model.train()
+    assert workspace.score("test").loss == pytest.approx(reference, rel=1e-6)
+    assert workspace.model.training

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from fedlowrank.adapters import lora_targets
 from fedlowrank.config import ConfigError, RunConfig
 from fedlowrank.factors import lora_factors
 from fedlowrank.fed_galore import projected_average, projected_upload_bytes, round_projectors
@@ -43,7 +44,8 @@ class FedGaLoreOptions(MethodOptions):
     @classmethod
     def from_config(cls, raw: Mapping[str, Any], config: RunConfig, method: str) -> FedGaLoreOptions:
         options = super().from_config(raw, config, method)
-        modules = tuple(fed_galore_modules(config.galore, config.lora.target_modules))
+        targets = lora_targets(config.model, config.task, config.lora.target_modules, config.trust_remote_code)
+        modules = tuple(fed_galore_modules(config.galore, targets))
         return replace(options, rank=config.galore.rank, modules=modules)
 
     def check_run(self, config: RunConfig) -> None:
