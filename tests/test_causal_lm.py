@@ -528,3 +528,34 @@ def test_eval_scores_do_not_depend_on_the_training_mode(decoders, addition, tmp_
     workspace.model.train()
     assert workspace.score("test").loss == pytest.approx(reference, rel=1e-6)
     assert workspace.model.training
+
+
+@pytest.mark.slow
+def test_flower_ray_simulation_gives_the_in_process_federation(decoders, addition, tmp_path):
+    """A causal-LM federation under Flower's own simulation engine (what `flwr run .` starts): the same
+    global adapter and exact match as the in-process path."""
+    from flwr.simulation import run_simulation
+    from safetensors.torch import load_file
+
+    from clients.client_app import make_client_app
+    from simulations.run import run_inprocess
+    from strategies.server_app import make_server_app
+
+    def config(name):
+        return lm_config(decoders["gpt2"], addition, tmp_path, name=name, **{"num-rounds": 2, "train.local-steps": 3})
+
+    ray = config("ray")
+    run_simulation(
+        server_app=make_server_app(ray),
+        client_app=make_client_app(ray),
+        num_supernodes=ray.num_clients,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
+    )
+    local = run_inprocess(config("local"))
+    ray_summary = json.loads((tmp_path / "runs" / "ray" / "summary.json").read_text())
+    assert ray_summary["test_exact_match"] == local["test_exact_match"]
+    assert ray_summary["test_loss"] == pytest.approx(local["test_loss"], rel=1e-4)
+    ray_adapter = load_file(str(tmp_path / "runs" / "ray" / "adapter" / "adapter_model.safetensors"))
+    local_adapter = load_file(str(Path(local["adapter"]) / "adapter_model.safetensors"))
+    for key, value in ray_adapter.items():
+        torch.testing.assert_close(value, local_adapter[key], rtol=1e-3, atol=1e-5)
