@@ -35,12 +35,17 @@ def _short(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
 
+def setting_name(setting: dict[str, Any]) -> str:
+    """A grid point as a folder-name part, e.g. ``lr-0.01_alpha-64``."""
+    return "_".join(f"{_short(k)}-{v:g}" for k, v in setting.items())
+
+
 def tuning_cells(method: str, lrs: list[float], tune_rounds: int, tune_seed: int) -> list[sweep.Cell]:
     grid = {"train.lr": tuple(lrs), **EXTRA_GRIDS.get(method, {})}
     cells = []
     for values in product(*grid.values()):
         setting = dict(zip(grid, values, strict=True))
-        name = "_".join(f"{_short(k)}-{v:g}" for k, v in setting.items())
+        name = setting_name(setting)
         overrides = {"strategy": method, "seed": tune_seed, "num-rounds": tune_rounds, **setting}
         cells.append(sweep.Cell(f"tune_{method}_{name}", overrides, {"method": method, **setting}))
     return cells
@@ -69,10 +74,11 @@ def _within(overrides: dict[str, Any], setting: dict[str, Any]) -> bool:
 
 
 def final_cells(method: str, setting: dict[str, Any], seeds: list[int]) -> list[sweep.Cell]:
-    return [
-        sweep.Cell(f"final_{method}_seed-{seed}", {"strategy": method, "seed": seed, **setting}, {"method": method})
-        for seed in seeds
-    ]
+    """The chosen setting on every seed; the setting is in the name, so a later comparison that chooses another
+    (a wider grid) runs new cells instead of reusing runs of the old choice."""
+    overrides = {"strategy": method, **setting}
+    name = f"final_{method}_{setting_name(setting)}"
+    return [sweep.Cell(f"{name}_seed-{seed}", {**overrides, "seed": seed}, {"method": method}) for seed in seeds]
 
 
 def tune(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedlowrank.config import RunConfig
+from fedlowrank.config import ConfigError, RunConfig
 from fedlowrank.progress import Reporter
 from fedlowrank.report import read_metrics
 
@@ -63,6 +63,37 @@ def finished(run_dir: Path) -> bool:
     return (run_dir / "summary.json").is_file()
 
 
+# What may differ between a cell's saved run and the same cell asked for again (where and how it is written).
+NOT_SETTINGS = ("name", "output-dir", "resume", "overwrite")
+
+
+def _settings(config: RunConfig) -> dict[str, Any]:
+    """The flat settings with every method option at its default where not given (a saved run lists them all)."""
+    from strategies.registry import option_defaults
+
+    flat = config.to_flat()
+    for method, options in option_defaults().items():
+        for option, value in options.items():
+            flat.setdefault(f"method.{method}.{option}", value)
+    return flat
+
+
+def check_same_settings(run_dir: Path, config: RunConfig) -> None:
+    """A cell's folder that holds a run of other settings is never reused (its results would be reported under
+    the new ones) nor overwritten: refuse, naming what differs."""
+    saved_path = run_dir / "config.toml"
+    if not saved_path.is_file():
+        return
+    saved, wanted = (_settings(c) for c in (RunConfig.from_toml(saved_path), config))
+    differing = sorted(k for k in set(saved) | set(wanted) if k not in NOT_SETTINGS and saved.get(k) != wanted.get(k))
+    if differing:
+        shown = ", ".join(f"{k} = {saved.get(k)!r} there, {wanted.get(k)!r} now" for k in differing[:5])
+        raise ConfigError(
+            f"{run_dir} holds a run of other settings ({shown}): its results cannot stand for this cell. Use "
+            "another --output folder, or move that run away"
+        )
+
+
 def run_cells(
     base: RunConfig, cells: Sequence[Cell], run: SweepRun, after_cell: Callable[[list[CellRun]], None] | None = None
 ) -> list[CellRun]:
@@ -73,6 +104,7 @@ def run_cells(
     configs = [cell_config(base, cell, run.output_dir) for cell in cells]
     for config in configs:
         resolve_method(config)
+        check_same_settings(Path(config.output_dir) / config.name, config)
     run.output_dir.mkdir(parents=True, exist_ok=True)
     done: list[CellRun] = []
     for index, (cell, config) in enumerate(zip(cells, configs, strict=True)):

@@ -112,3 +112,31 @@ def test_tune_picks_the_best_validation_learning_rate(tmp_path, data_dir):
     best = max(rows, key=lambda row: float(row["validation_accuracy"]))  # ties: the first, as the tuner does
     assert [row["chosen"] for row in rows] == [str(row is best) for row in rows]
     assert f"train.lr={float(best['train.lr']):g}" in done.output
+
+
+def test_final_cells_carry_their_setting_so_a_new_choice_never_reuses_old_runs():
+    from simulations.compare import final_cells
+
+    old = final_cells("ffa", {"train.lr": 0.01, "lora.alpha": 64}, [0, 1])
+    new = final_cells("ffa", {"train.lr": 0.03, "lora.alpha": 16}, [0, 1])
+    assert [c.name for c in old] == ["final_ffa_lr-0.01_alpha-64_seed-0", "final_ffa_lr-0.01_alpha-64_seed-1"]
+    assert not {c.name for c in old} & {c.name for c in new}
+
+
+def test_a_cell_folder_holding_a_run_of_other_settings_is_refused(tmp_path, data_dir):
+    """Its results would otherwise be reported under the new settings (seen: a wider grid changed the choice)."""
+    from fedlowrank.config import RunConfig
+
+    base = RunConfig.from_flat({"data-dir": str(data_dir)})
+    cell = sweep.Cell("cell", {"strategy": "ffa", "train.lr": 0.03}, {})
+    config = sweep.cell_config(base, cell, tmp_path)
+    run_dir = tmp_path / "runs" / "cell"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.toml").write_text(sweep.cell_config(base, cell, tmp_path / "elsewhere").to_toml())
+    sweep.check_same_settings(run_dir, config)  # same settings written elsewhere: fine to reuse
+    other = sweep.Cell("cell", {"strategy": "ffa", "train.lr": 0.01}, {})
+    (run_dir / "config.toml").write_text(sweep.cell_config(base, other, tmp_path).to_toml())
+    with pytest.raises(ConfigError, match="train.lr = 0.01 there, 0.03 now"):
+        sweep.check_same_settings(run_dir, config)
+    with pytest.raises(ConfigError, match="other settings"):  # and run_cells checks before running anything
+        sweep.run_cells(base, [cell], sweep.SweepRun(tmp_path))
