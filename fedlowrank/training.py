@@ -110,10 +110,15 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return token_losses(logits, labels).sum(dim=1)
 
 
+def batch_losses(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """``per_example_loss`` of every example in ``batch`` (the model sees everything but the labels)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return per_example_loss(model(**inputs).logits, batch["labels"])
+
+
 def batch_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """The mean over the batch's examples of ``per_example_loss``."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return per_example_loss(model(**inputs).logits, batch["labels"]).mean()
+    return batch_losses(model, batch).mean()
 
 
 def training_step(

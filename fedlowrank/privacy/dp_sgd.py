@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from fedlowrank.config import TrainSettings
 from fedlowrank.privacy.accounting import ClientDPPlan, PrivacyAccountant, ensure_within_budget
 from fedlowrank.privacy.fused import FusedPerSampleGrads, empty_grad_samples
-from fedlowrank.training import make_optimizer, per_example_loss
+from fedlowrank.training import batch_losses, make_optimizer
 
 ENGINES = ("hooks", "fused")
 
@@ -62,8 +62,7 @@ class PoissonBatches:
 def per_example_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Σ_i L_i (not the mean: dividing by the realised batch size would leak it, and the per-sample
     gradients must be those of each example's own loss)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return per_example_loss(model(**inputs).logits, batch["labels"]).sum()
+    return batch_losses(model, batch).sum()
 
 
 def _attach_per_sample_engine(model: nn.Module, engine: str):
