@@ -12,7 +12,8 @@ rate, 10 clients at Dirichlet 0.5 for FedIT, 4 rounds / epochs), changing only t
 Each cell reports the final test accuracy, the majority-class share of the test split, and the run's own
 ``learning_warning`` (collapse or no better than the label prior). Nothing is tuned here and no test split
 chooses anything: these are the defaults as shipped. Writes ``benchmarks/results/defaults/defaults.md`` and
-``defaults.json`` (with the command):
+``defaults.json`` (with the commands); a cell already in ``defaults.json`` is not run again, so the check can
+be done in several sittings:
 
     python benchmarks/defaults_check.py --data-dir ../shared/data
 """
@@ -66,11 +67,13 @@ def run_cell(task: str, mode: str, args: argparse.Namespace) -> dict:
     }
 
 
-def write_table(rows: list[dict], command: str, output: Path) -> Path:
+def write_table(rows: list[dict], commands: list[str], output: Path) -> Path:
     lines = [
         "# Do the defaults learn? (MiniLM, `simulations/default.toml` as shipped; only the dataset changes)",
         "",
-        f"Command: `{command}`",
+        "Commands (cells already in `defaults.json` are kept, so several invocations add up):",
+        "",
+        *(f"    {command}" for command in commands),
         "",
         "| task | classes | mode | lr | test accuracy | majority class | learned? |",
         "|---|---|---|---|---|---|---|",
@@ -103,14 +106,19 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown task(s) or mode(s) {unknown}; tasks: {', '.join(TASKS)}; modes: {', '.join(MODES)}")
     args.output.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/defaults_check.py " + " ".join(sys.argv[1:])
-    rows = []
+    command = ("python benchmarks/defaults_check.py " + " ".join(sys.argv[1:])).strip()
+    saved = args.output / "defaults.json"
+    previous = json.loads(saved.read_text()) if saved.is_file() else {"commands": [], "rows": []}
+    rows = previous["rows"]  # cells finished by an earlier invocation are kept, not re-run
+    commands = [*previous.get("commands", []), command]
     for task in tasks:
         for mode in modes:
-            rows.append(run_cell(task, mode, args))
+            if any(r["task"] == task and r["mode"] == mode and r.get("seed") == args.seed for r in rows):
+                continue
+            rows.append({**run_cell(task, mode, args), "seed": args.seed})
             print(json.dumps(rows[-1]), flush=True)
-            (args.output / "defaults.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
-    print(f"wrote {write_table(rows, command.strip(), args.output)}")
+            saved.write_text(json.dumps({"commands": commands, "rows": rows}, indent=2))
+    print(f"wrote {write_table(rows, commands, args.output)}")
 
 
 if __name__ == "__main__":

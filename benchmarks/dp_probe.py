@@ -1,5 +1,6 @@
 """Can one client learn under DP-SGD? One client's local training (the code path of a DP-SGD client:
-``train_private`` with Opacus' DPOptimizer), at a fixed noise multiplier σ, then its global test accuracy.
+``train_private`` with Opacus' DPOptimizer), at a fixed noise multiplier σ, then its accuracy on the clients'
+validation splits (never the test split).
 
 A diagnostic for sizing the privacy sweep: σ near 0 checks that clipping alone still learns (the mechanism is
 sound), then real σ values show whether the noise leaves anything to learn at that data size, batch and step
@@ -29,7 +30,6 @@ from fedlowrank.config import RunConfig
 from fedlowrank.privacy.accounting import PrivacyAccountant, plan_client
 from fedlowrank.privacy.dp_sgd import train_private
 from fedlowrank.runtime import get_workspace
-from fedlowrank.training import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 # the sweep's optimizer and clipping, on client 0 of 2 IID clients over the whole training set
@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="expected Poisson batch size")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--engine", choices=("fused", "hooks"), default="fused")
+    parser.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per piece (0: whole batches)")
     parser.add_argument("--head-only", action="store_true", help="freeze the LoRA factors")
     parser.add_argument("--config", default=str(ROOT / "simulations" / "privacy_sweep.toml"))
     parser.add_argument("--set", action="append", default=[], help="config override (repeatable)")
@@ -68,15 +69,20 @@ def main() -> None:
     started = time.perf_counter()
     trained = train_private(
         workspace.model, data, workspace.collator, config.train, plan, accountant,
-        max_grad_norm=config.dp.max_grad_norm, engine=args.engine, optimizer_kind=args.optimizer, check_budget=False,
+        max_grad_norm=config.dp.max_grad_norm, engine=args.engine, max_tokens=args.max_tokens,
+        optimizer_kind=args.optimizer, check_budget=False,
     )  # fmt: skip
-    result = evaluate(workspace.model, workspace.test_loader(), workspace.task.num_labels)
+    # the clients' validation splits, never the test split: these probes choose the sweep's settings
+    scores = [workspace.score("validation", pid) for pid in range(config.num_clients)]
+    total = sum(s.num_examples for s in scores)
+    val_accuracy = sum(s.accuracy * s.num_examples for s in scores) / total
+    top_share = sum(s.top_class_share * s.num_examples for s in scores) / total
     row = {
         "command": shlex.join(["python", "benchmarks/dp_probe.py", *sys.argv[1:]]),
         "dataset": config.dataset, "client_examples": len(data), "sigma": args.sigma, "batch": args.batch,
         "steps": plan.steps_per_round, "optimizer": args.optimizer, "lr": args.lr, "head_only": args.head_only,
         "epsilon_rdp": accountant.epsilon(config.dp.delta) if args.sigma >= 0.3 else None,
-        "train_loss": trained.loss, "test_accuracy": result.accuracy, "test_top_class_share": result.top_class_share,
+        "train_loss": trained.loss, "validation_accuracy": val_accuracy, "validation_top_class_share": top_share,
         "seconds": time.perf_counter() - started,
     }  # fmt: skip
     print(json.dumps(row))

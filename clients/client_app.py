@@ -96,7 +96,11 @@ def train_batch(messages: list[Message], contexts: list[Context], bound: RunConf
         config = first.node.config
         started = time.perf_counter()
         trained = train_batched(
-            first.node.model, list(jobs.values()), config.train, config.optimizer, engine_max_tokens(config)
+            first.node.model,
+            list(jobs.values()),
+            config.dp.local_train(config.train),
+            config.optimizer,
+            engine_max_tokens(config),
         )
         elapsed = (time.perf_counter() - started) / len(jobs)  # the wave's time, shared out
         for index, (state, result) in zip(jobs, trained, strict=True):

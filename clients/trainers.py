@@ -163,12 +163,13 @@ class PrivateLoRATrainer(LoRATrainer):
             node.model,
             node.workspace.client_train_dataset(node.partition_id),
             node.workspace.collator,
-            config.train,
+            config.dp.local_train(config.train),
             prepared.plan,  # type: ignore[arg-type]
             prepared.accountant,  # type: ignore[arg-type]
             max_grad_norm=config.dp.max_grad_norm,
             engine=config.dp.engine,
             max_physical_batch_size=config.dp.max_physical_batch_size,
+            max_tokens=engine_max_tokens(config),
             optimizer_kind=config.optimizer,
             seed=prepared.seed,
             check_budget=False,  # prepare() checked it
@@ -245,9 +246,9 @@ def train_one(trainer: LoRATrainer, node: ClientNode, instruction: TrainInstruct
 
 
 def engine_max_tokens(config: RunConfig) -> int:
-    """The batched engine's chunk size in padded tokens: ``engine-max-tokens``, or by device when 0 (small
-    chunks stay in a CPU's caches: 4,096 tokens ran 4-5x faster than one pass of 60k on 2 cores; a GPU
-    wants large ones)."""
+    """Padded tokens per forward chunk of the batched engine and of a DP-SGD client's Poisson batch:
+    ``engine-max-tokens``, or by device when 0 (small chunks stay in a CPU's caches: 4,096 tokens ran 4-5x
+    faster than one pass of 60k on 2 cores; a GPU wants large ones)."""
     if config.engine_max_tokens > 0:
         return config.engine_max_tokens
     return 32768 if pick_device(config.device).type == "cuda" else 4096

@@ -20,7 +20,7 @@ import math
 import os
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -196,6 +196,12 @@ class DPSettings:
         0, "split Poisson batches into physical ones of at most this (0: never)", minimum=0
     )
     noise_multiplier: float = setting(0.0, "fix σ instead of calibrating it from epsilon (0: calibrate)", minimum=0)
+    lr: float = setting(
+        0.0,
+        "learning rate of DP-SGD clients (0: train.lr); per-example clipping rescales the gradient, so DP-SGD "
+        "usually wants its own",
+        minimum=0,
+    )
     user_noise_multiplier: float = setting(
         0.0,
         "user-level DP on the server: noise multiplier z of DP-FedAvg (0: off); needs weighting = 'uniform'",
@@ -211,6 +217,16 @@ class DPSettings:
     @property
     def user_level(self) -> bool:
         return self.user_noise_multiplier > 0
+
+    def lr_setting(self, train: TrainSettings) -> tuple[str, float]:
+        """The key and value of the learning rate clients train at: ``dp.lr`` for DP-SGD clients when it is
+        set, else ``train.lr``."""
+        return ("dp.lr", self.lr) if self.sample_level and self.lr > 0 else ("train.lr", train.lr)
+
+    def local_train(self, train: TrainSettings) -> TrainSettings:
+        """The settings a client's local training uses: ``train`` at the learning rate of ``lr_setting``."""
+        key, lr = self.lr_setting(train)
+        return train if key == "train.lr" else replace(train, lr=lr)
 
 
 @dataclass
@@ -294,7 +310,9 @@ class RunConfig:
     )
     engine_wave_size: int = setting(0, "batched engine: at most this many clients at once (0: all sampled)", minimum=0)
     engine_max_tokens: int = setting(
-        0, "batched engine: padded tokens per chunk (0: 4,096 on a CPU, 32,768 on a GPU)", minimum=0
+        0,
+        "padded tokens per forward chunk, batched engine and DP-SGD clients (0: 4,096 on a CPU, 32,768 on a GPU)",
+        minimum=0,
     )
     client_state: str = setting(
         "auto",

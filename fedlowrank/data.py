@@ -13,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext, redirect_stderr
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import torch
@@ -440,8 +441,45 @@ class ClientSplit:
     validation: Dataset
 
 
-def partition(train: Dataset, settings: DataSettings, num_clients: int, seed: int) -> list[ClientSplit]:
-    """Split ``train`` across clients, then each client's share into its own train/validation."""
+class ClientPartitions(Sequence[ClientSplit]):
+    """Every client's train and validation share, made on first use: a federation of 10,000 registered clients
+    that samples 100 a round splits only those 100 into train and validation, not all 10,000 (splitting every
+    share up front took over a minute there). The shares themselves are drawn once, by flwr-datasets'
+    partitioner, and checked for empty clients at construction; a client's split is the same whenever and in
+    whatever order it is asked for (seeded by the run's seed and the client's index)."""
+
+    def __init__(self, shares: list[Dataset], validation_fraction: float, seed: int) -> None:
+        self._shares, self._validation_fraction, self._seed = shares, validation_fraction, seed
+        self._splits: dict[int, ClientSplit] = {}
+
+    def __len__(self) -> int:
+        return len(self._shares)
+
+    @overload
+    def __getitem__(self, index: int) -> ClientSplit: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[ClientSplit]: ...
+    def __getitem__(self, index: int | slice) -> ClientSplit | list[ClientSplit]:
+        if isinstance(index, slice):
+            return [self[k] for k in range(*index.indices(len(self)))]
+        k = index + len(self) if index < 0 else index
+        if not 0 <= k < len(self):
+            raise IndexError(f"client {index} of {len(self)}")
+        if k not in self._splits:
+            self._splits[k] = self._split(k)
+        return self._splits[k]
+
+    def _split(self, k: int) -> ClientSplit:
+        share = self._shares[k]
+        n_val = int(round(len(share) * self._validation_fraction))
+        if n_val == 0 or len(share) - n_val < 1:
+            return ClientSplit(train=share, validation=share.select([]))
+        parts = share.train_test_split(test_size=n_val, seed=self._seed + k)
+        return ClientSplit(train=parts["train"], validation=parts["test"])
+
+
+def partition(train: Dataset, settings: DataSettings, num_clients: int, seed: int) -> ClientPartitions:
+    """Split ``train`` across clients; each client's share is split into its own train/validation on first use."""
     if num_clients > len(train):
         raise DataError(
             f"{num_clients} clients but only {len(train)} training examples: every client needs data; "
@@ -469,15 +507,7 @@ def partition(train: Dataset, settings: DataSettings, num_clients: int, seed: in
             f"client(s) {empty[:10]} would get no data with partitioner {settings.partitioner!r}; "
             "use fewer clients, a larger dirichlet-alpha, or more data"
         )
-    splits = []
-    for k, share in enumerate(shares):
-        n_val = int(round(len(share) * settings.validation_fraction))
-        if n_val == 0 or len(share) - n_val < 1:
-            splits.append(ClientSplit(train=share, validation=share.select([])))
-            continue
-        parts = share.train_test_split(test_size=n_val, seed=seed + k)
-        splits.append(ClientSplit(train=parts["train"], validation=parts["test"]))
-    return splits
+    return ClientPartitions(shares, settings.validation_fraction, seed)
 
 
 def label_histogram(dataset: Dataset, label_column: str, num_labels: int) -> np.ndarray:

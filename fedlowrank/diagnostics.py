@@ -16,7 +16,7 @@ COLLAPSE_SHARE = 0.98
 PRIOR_MARGIN = 0.02  # relative: a loss above 98 % of H(y) has learned next to nothing from the inputs
 
 
-def learning_warning(final: dict[str, Any], lr: float) -> str | None:
+def learning_warning(final: dict[str, Any], lr: float, lr_key: str = "train.lr") -> str | None:
     """A one-paragraph warning when the final metrics row ``final`` shows a run that did not learn, else None."""
     share, entropy, loss = (final.get(f"test_{key}") for key in ("top_class_share", "label_entropy", "loss"))
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (share, entropy, loss)) or entropy <= 0:
@@ -32,7 +32,7 @@ def learning_warning(final: dict[str, Any], lr: float) -> str | None:
     if not symptoms:
         return None
     # both ways lead here: too high a rate collapses a model to one class, too low a rate never leaves the prior
-    fix = f"another learning rate (train.lr is {lr:g}; try {lr / 5:g} and {lr * 5:g}) or more rounds or local steps"
+    fix = f"another learning rate ({lr_key} is {lr:g}; try {lr / 5:g} and {lr * 5:g}) or more rounds or local steps"
     return (
         f"the model has not learned: {'; and '.join(symptoms)}. Likely fix: {fix}; `fedlowrank tune` finds a rate "
         "on the clients' validation data (never the test set)."

@@ -29,6 +29,7 @@ from fedlowrank.adapters import (
 )
 from fedlowrank.config import ConfigError, RunConfig
 from fedlowrank.data import (
+    ClientPartitions,
     ClientSplit,
     DataError,
     TaskData,
@@ -49,7 +50,7 @@ def load_run_task(config: RunConfig) -> TaskData:
     return load_task(config.dataset, config.resolved_data_dir(), config.data, seed=config.seed, task=config.task)
 
 
-def client_partitions(config: RunConfig, task: TaskData) -> list[ClientSplit]:
+def client_partitions(config: RunConfig, task: TaskData) -> ClientPartitions:
     """Each client's train and validation share under ``config`` (deterministic in the seed)."""
     return partition(task.train, config.data, config.num_clients, config.seed)
 
@@ -80,7 +81,7 @@ class Workspace:
         set_base_residuals(self.model, self.base_weights, residuals)
 
     @cached_property
-    def client_splits(self) -> list[ClientSplit]:
+    def client_splits(self) -> ClientPartitions:
         return client_partitions(self.config, self.task)
 
     def client_split(self, partition_id: int) -> ClientSplit:

@@ -40,8 +40,12 @@ def setting_name(setting: dict[str, Any]) -> str:
     return "_".join(f"{_short(k)}-{v:g}" for k, v in setting.items())
 
 
-def tuning_cells(method: str, lrs: list[float], tune_rounds: int, tune_seed: int) -> list[sweep.Cell]:
-    grid = {"train.lr": tuple(lrs), **EXTRA_GRIDS.get(method, {})}
+def tuning_cells(
+    method: str, lrs: list[float], tune_rounds: int, tune_seed: int, lr_key: str = "train.lr"
+) -> list[sweep.Cell]:
+    """The grid of ``method``: ``lr_key`` (``dp.lr`` when DP-SGD clients train at their own rate) over ``lrs``,
+    with the method's extra options."""
+    grid = {lr_key: tuple(lrs), **EXTRA_GRIDS.get(method, {})}
     cells = []
     for values in product(*grid.values()):
         setting = dict(zip(grid, values, strict=True))
@@ -87,7 +91,8 @@ def tune(
     """Run ``method``'s grid; its best setting by validation accuracy, and one row per grid point."""
     if base.data.validation_fraction <= 0:
         raise ConfigError("tuning needs validation data: set data.validation-fraction > 0 (e.g. 0.1)")
-    tuned = sweep.run_cells(base, tuning_cells(method, lrs, tune_rounds, seed), run)
+    lr_key = base.dp.lr_setting(base.train)[0]  # tuning train.lr would not move DP-SGD clients set to dp.lr
+    tuned = sweep.run_cells(base, tuning_cells(method, lrs, tune_rounds, seed, lr_key), run)
     best = choose(tuned)
     rows = [
         {**r.cell.labels, "validation_accuracy": validation_score(r), "chosen": _within(r.cell.overrides, best)}

@@ -243,6 +243,7 @@ class FederatedRun:
             adapter_dir = self._save_adapter()  # a run that never finished a round: the initial adapter
         rows = read_metrics(self.recorder.run_dir)
         final = next((row for row in reversed(rows) if "test_accuracy" in row), rows[-1] if rows else {})
+        lr_key, lr = self.config.dp.lr_setting(self.config.train)  # the rate the clients trained at
         summary = {
             "run_dir": str(self.recorder.run_dir),
             **summary_scores(final),
@@ -254,7 +255,7 @@ class FederatedRun:
             "stopped": self.stopped or None,
             "label_names": self.workspace.task.label_names,
             "unseen_test_labels": self.workspace.task.unseen_test_labels or None,
-            "learning_warning": learning_warning(final, self.config.train.lr),
+            "learning_warning": learning_warning(final, lr, lr_key),
             "plot": str(plot_run(self.recorder.run_dir)) if rows else None,
             "adapter": str(adapter_dir),
         }

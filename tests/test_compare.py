@@ -9,7 +9,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from fedlowrank.config import ConfigError
+from fedlowrank.config import ConfigError, RunConfig
 from simulations import sweep
 from simulations.compare import choose, summary_rows, tuning_cells, validation_score
 
@@ -44,6 +44,11 @@ def test_grids_add_alpha_for_ffa_and_lambda_for_lora_fair():
     assert len(ffa) == 4 and {c.overrides["lora.alpha"] for c in ffa} == {16, 64}
     assert {c.overrides["num-rounds"] for c in ffa} == {2}
     assert len(tuning_cells("lora-fair", [1e-3], 2, 0)) == 2
+    # DP-SGD clients with their own rate: the grid varies dp.lr, which is what they train at
+    private = RunConfig.from_flat({"dp.epsilon": 3.0, "dp.lr": 0.5})
+    key = private.dp.lr_setting(private.train)[0]
+    assert key == "dp.lr" and RunConfig().dp.lr_setting(RunConfig().train)[0] == "train.lr"
+    assert {c.overrides[key] for c in tuning_cells("fedit", [1.0, 4.0], 2, 0, key)} == {1.0, 4.0}
 
 
 def test_summary_pairs_seeds_with_the_reference():

@@ -155,3 +155,20 @@ def test_sentence_pair_columns_are_encoded_as_pairs(tmp_path, trec):
     assert all(1 in ids for ids in encoded["token_type_ids"])  # the second segment is marked
     with pytest.raises(DataError, match="no column"):
         load_task(str(folder), "", DataSettings(text_pair_column="premise"))
+
+
+def test_client_splits_are_made_on_first_use_and_do_not_depend_on_the_order_asked(trec):
+    """10,000 registered clients must not all be split up front: a split is made when a client is asked for,
+    and is the same whichever clients were asked before it."""
+    settings = DataSettings(partitioner="iid")
+    first = partition(trec.train, settings, num_clients=500, seed=3)
+    assert first._splits == {}  # nothing split yet
+    late = first[499]
+    assert set(first._splits) == {499}
+    second = partition(trec.train, settings, num_clients=500, seed=3)
+    for k in (0, 250, 499):  # a different order of first use
+        assert list(second[k].train["text"]) == list(first[k].train["text"])
+        assert list(second[k].validation["text"]) == list(first[k].validation["text"])
+    assert first[-1] is late and len(first) == 500 and len(first[:3]) == 3
+    with pytest.raises(IndexError):
+        first[500]

@@ -27,6 +27,8 @@ def test_warning_names_each_symptom_and_the_fix():
     assert "no better than 1.500, the label entropy" in flat and "one class" not in flat and "more rounds" in flat
     assert learning_warning({"test_accuracy": 0.2}, lr=1.0) is None  # nothing to judge by
     assert learning_warning(_row(loss=0.0, accuracy=1.0, top_class_share=1.0, label_entropy=0.0), lr=1.0) is None
+    private = learning_warning(_row(loss=1.49, accuracy=0.4, top_class_share=0.5, label_entropy=1.5), 4.0, "dp.lr")
+    assert "dp.lr is 4" in private and "train.lr" not in private  # the rate the DP-SGD clients trained at
 
 
 class _Constant(torch.nn.Module):

@@ -215,6 +215,37 @@ def test_batched_grid_runs_dp_federation_like_the_sequential_path(workspace, tin
     assert max(ledgers["batched"][-1].values()) <= 8.0
 
 
+def test_dp_lr_is_the_learning_rate_of_dp_sgd_clients_on_both_engines(workspace, tiny_config):
+    """``dp.lr`` replaces ``train.lr`` for DP-SGD clients, sequential or batched; without DP-SGD it is unused."""
+    from pathlib import Path
+
+    from fedlowrank.config import DPSettings
+    from simulations.run import run_inprocess
+
+    finals = {}
+    cases = {
+        "train-lr": ("sequential", 0.05, 0.0),
+        "dp-lr": ("sequential", 0.9, 0.05),
+        "batched": ("batched", 0.9, 0.05),
+    }
+    for name, (engine, lr, dp_lr) in cases.items():
+        config = tiny_config(
+            **{"name": name, "engine": engine, "optimizer": "sgd", "train.lr": lr, "dp.lr": dp_lr,
+               "dp.epsilon": 8.0, "train.local-steps": 2, "num-rounds": 1}
+        )  # fmt: skip
+        load_adapter_state(workspace.model, workspace.initial_state)
+        run_inprocess(config)
+        finals[name] = _final_adapter(Path(config.output_dir) / config.name)
+    start = workspace.initial_state
+    assert any((finals["train-lr"][k] - start[k]).abs().max() > 0 for k in finals["train-lr"])  # it trained
+    for key, want in finals["train-lr"].items():
+        assert torch.equal(finals["dp-lr"][key], want), key
+        assert (finals["batched"][key] - want).norm() <= 1e-4 * want.norm() + 1e-6, key
+    settings = TrainSettings(lr=0.01)
+    assert DPSettings(epsilon=0.0, lr=0.3).local_train(settings) is settings  # no DP-SGD: train.lr
+    assert DPSettings(epsilon=3.0, lr=0.3).local_train(settings).lr == 0.3
+
+
 @pytest.mark.parametrize("private", [False, True])
 def test_length_sorted_chunks_give_the_same_updates_as_one_pass(workspace, private):
     """Chunking a step by padded tokens (per-chunk padding) changes neither plain nor DP-SGD updates."""

@@ -470,3 +470,50 @@ def test_dp_trains_only_what_the_strategy_trains(workspace, engine):
         changed = not torch.equal(after[key], before[key])
         assert changed == ("lora_A" not in key), key
     set_trainable(workspace.model, lora_a=True, lora_b=True, head=True)
+
+
+@pytest.mark.parametrize("engine", ["fused", "hooks"])
+def test_length_sorted_pieces_give_the_same_dp_update(no_dropout, engine, monkeypatch):
+    """Running each Poisson batch in length-sorted pieces (``max_tokens``) clips and noises the same per-example
+    gradients once per logical batch: the update equals one pass."""
+    workspace = no_dropout
+    small = workspace.client_train_dataset(0).select(range(16))
+    lengths = [len(row["input_ids"]) for row in small]
+    assert len(set(lengths)) > 1  # otherwise sorting by length would not change the padding
+    plan = fixed_dp_plan(16, 0.5, batch_size=8, local_steps=2)
+    import fedlowrank.privacy.dp_sgd as dp_sgd
+    from fedlowrank.training import split_by_length
+
+    pieces = []
+
+    def counted(batch, max_tokens):
+        parts = list(split_by_length(batch, max_tokens))
+        pieces.append(len(parts))
+        return parts
+
+    monkeypatch.setattr(dp_sgd, "split_by_length", counted)
+    states, accounted = [], []
+    for max_tokens in (0, 2 * max(lengths)):  # about two examples per piece
+        load_adapter_state(workspace.model, workspace.initial_state)
+        accountant = PrivacyAccountant()
+        train_private(
+            workspace.model,
+            small,
+            workspace.collator,
+            TrainSettings(lr=0.1),
+            plan,
+            accountant,
+            max_grad_norm=1.0,
+            engine=engine,
+            max_tokens=max_tokens,
+            optimizer_kind="sgd",
+            seed=2,
+        )
+        states.append(adapter_state(workspace.model))
+        accounted.append(accountant.steps)
+    assert accounted == [2, 2]  # one accounted step per logical batch, not per piece
+    assert pieces and max(pieces) > 1  # the second run really split its batches
+    moved = max(float((states[0][k] - workspace.initial_state[k]).abs().max()) for k in states[0])
+    assert moved > 0
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=1e-4, atol=1e-6)

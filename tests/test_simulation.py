@@ -127,3 +127,34 @@ def test_the_server_goes_on_with_the_nodes_it_has(tiny_config):
     grid = InProcessGrid(make_client_app(config), 2, config.to_flat(), node_config={"num-partitions": 3})
     run_server(grid, config)
     assert read_metrics(f"{config.output_dir}/two-of-three")[0]["clients_accepted"] == 2
+
+
+def test_registered_nodes_get_a_context_only_when_first_addressed():
+    """10,000 registered virtual nodes cost a dictionary entry each; a node's Context (with its state) is made
+    when it first gets a message and is the same object afterwards."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from simulations.grids import InProcessGrid
+
+    seen = []
+    app = ClientApp()
+
+    @app.train()
+    def train(message, context):
+        seen.append(context.node_config["partition-id"])
+        context.state["visits"] = ConfigRecord({"n": 1})
+        return Message(RecordDict(), reply_to=message)
+
+    grid = InProcessGrid(app, num_nodes=10_000, run_config={"lr": 0.1}, seed=1)
+    nodes = list(grid.get_node_ids())
+    assert len(nodes) == len(set(nodes)) == 10_000 and len(grid.contexts) == 10_000
+    assert grid.contexts._made == {}
+    chosen = [nodes[7], nodes[9_999]]
+    grid.send_and_receive([grid.create_message(RecordDict(), "train", n, "1") for n in chosen])
+    assert sorted(grid.contexts._made) == sorted(chosen) and seen == [7, 9_999]
+    context = grid.contexts[nodes[7]]
+    assert context.node_config["num-partitions"] == 10_000 and context.run_config == {"lr": 0.1}
+    assert "visits" in context.state and grid.contexts[nodes[7]] is context
+    with pytest.raises(ValueError, match="unknown destination"):
+        grid.push_messages([grid.create_message(RecordDict(), "train", 12345, "1")])

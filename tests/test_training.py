@@ -72,3 +72,36 @@ def test_evaluate_agrees_with_a_manual_pass(workspace):
     assert result.num_examples == total == 96
     assert result.accuracy == pytest.approx(correct / total)
     assert result.loss == pytest.approx(float(sum(losses)) / total, rel=1e-5)
+
+
+def test_split_by_length_trims_right_padded_text_and_keeps_everything_else_whole():
+    """Pieces of a padded batch: longest first, within the token budget, per-token inputs (token labels too)
+    trimmed to the piece's own longest row; left-padded text and images are only split by rows."""
+    from fedlowrank.training import split_by_length
+
+    lengths = torch.tensor([2, 6, 3, 5])
+    mask = (torch.arange(6)[None, :] < lengths[:, None]).long()
+    batch = {
+        "input_ids": torch.arange(24).reshape(4, 6) * mask,
+        "attention_mask": mask,
+        "labels": torch.where(mask.bool(), 7, -100),  # causal-LM token labels (2-D)
+        "weights": torch.ones(4, 6),  # 2-D but not a per-token input: never trimmed
+    }
+    pieces = list(split_by_length(batch, max_tokens=12))
+    order = torch.cat([indices for indices, _ in pieces])
+    assert order.tolist() == [1, 3, 2, 0]  # longest first, every row once
+    for indices, part in pieces:
+        width = int(lengths[indices].max())
+        assert part["input_ids"].shape == part["labels"].shape == (len(indices), width)
+        assert len(indices) * width <= 12 or len(indices) == 1
+        assert torch.equal(part["input_ids"], batch["input_ids"][indices, :width])
+        assert part["weights"].shape == (len(indices), 6)
+    assert [len(indices) for indices, _ in pieces] == [2, 2]  # 2x6 then 2x3
+    left = {"input_ids": batch["input_ids"].flip(1), "attention_mask": mask.flip(1)}
+    for indices, part in split_by_length(left, max_tokens=12):
+        assert part["input_ids"].shape[1] == 6  # left padding keeps its full width
+        assert len(indices) == 2  # and counts it: 12 // 6 rows a piece
+    images = {"pixel_values": torch.zeros(5, 3, 4, 4), "labels": torch.arange(5)}
+    sizes = [len(i) for i, _ in split_by_length(images, max_tokens=2)]
+    assert sizes == [2, 2, 1]
+    assert [len(i) for i, _ in split_by_length(batch, max_tokens=0)] == [4]  # 0: one piece

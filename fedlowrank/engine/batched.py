@@ -38,14 +38,19 @@ from torch.autograd.function import once_differentiable
 from torch.utils.data import DataLoader, Dataset
 
 from fedlowrank.config import TrainSettings
-from fedlowrank.instructions import IGNORE_INDEX
 from fedlowrank.kernels import multi_lora, per_sample_lora_grads, uses_triton
 from fedlowrank.privacy.accounting import ClientDPPlan, PrivacyAccountant, ensure_within_budget
 from fedlowrank.privacy.clipping import clipped_sums, noisy_mean_
 from fedlowrank.privacy.dp_sgd import DPTrainResult, PoissonBatches
-from fedlowrank.training import TrainResult, cycle_batches, make_optimizer, per_example_loss, planned_steps
-
-PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX}
+from fedlowrank.training import (
+    PAD_VALUES,
+    TrainResult,
+    cycle_batches,
+    make_optimizer,
+    per_example_loss,
+    planned_steps,
+    split_by_length,
+)
 
 
 @dataclass
@@ -366,21 +371,6 @@ def _client_group(jobs: list[ClientJob], settings: TrainSettings, device: torch.
     return _PrivateClients(jobs, device) if kinds == {PrivateData} else _PlainClients(jobs, settings)
 
 
-def _chunks(lengths: torch.Tensor, max_tokens: int) -> list[torch.Tensor]:
-    """Example indices, longest first, in groups whose padded size (count × longest) stays within
-    ``max_tokens`` (0: one group). Short sequences then are not padded to the step's longest one."""
-    order = torch.argsort(lengths, descending=True, stable=True)
-    if max_tokens <= 0:
-        return [order]
-    groups, start = [], 0
-    while start < len(order):
-        longest = max(int(lengths[order[start]]), 1)
-        size = max(1, max_tokens // longest)
-        groups.append(order[start : start + size])
-        start += size
-    return groups
-
-
 def _forward_backward(
     model: PeftModel,
     batch: dict[str, torch.Tensor],
@@ -393,19 +383,9 @@ def _forward_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backpropagate Σ_n scale_n L_n over the step's examples, in length-sorted chunks; returns the per-example
     losses and owning clients in the order processed (per-sample gradients, if any, are in that order too)."""
-    mask = batch.get("attention_mask")
-    lengths = mask.sum(dim=1) if mask is not None else torch.full((len(owner),), batch["input_ids"].shape[1])
-    # trimming the padding columns of a chunk is only right for right-padded batches
-    right_padded = mask is None or bool(
-        (mask.cumsum(dim=1) == mask.sum(dim=1, keepdim=True)).logical_or(mask == 1).all()
-    )
     losses, owners, samples = [], [], {id(p): [] for p in per_sample_params}
-    for chunk in _chunks(lengths, max_tokens):
-        width = int(lengths[chunk].max()) if right_padded and mask is not None else batch["input_ids"].shape[1]
-        inputs = {
-            key: (value[chunk, :width] if value.dim() == 2 and key in PAD_VALUES else value[chunk]).to(device)
-            for key, value in batch.items()
-        }
+    for chunk, inputs in split_by_length(batch, max_tokens):
+        inputs = {key: value.to(device) for key, value in inputs.items()}
         labels = inputs.pop("labels")
         context.client_index = owner[chunk].to(device)
         per_example = per_example_loss(model(**inputs).logits, labels)

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from fedlowrank.config import TrainSettings
 from fedlowrank.privacy.accounting import ClientDPPlan, PrivacyAccountant, ensure_within_budget
 from fedlowrank.privacy.fused import FusedPerSampleGrads, empty_grad_samples
-from fedlowrank.training import batch_losses, make_optimizer
+from fedlowrank.training import batch_losses, make_optimizer, split_by_length
 
 ENGINES = ("hooks", "fused")
 
@@ -65,6 +65,36 @@ def per_example_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> to
     return batch_losses(model, batch).sum()
 
 
+def _backward_in_chunks(
+    model: nn.Module, batch: dict[str, torch.Tensor], params: list[torch.Tensor], device: torch.device, max_tokens: int
+) -> float:
+    """Per-example gradients of one logical batch, computed piece by piece (``split_by_length``) and joined:
+    the optimizer's clipping and noise then see the whole batch at once. Returns Σ_i L_i. A batch within
+    ``max_tokens`` runs whole, in its own row order (reordering would draw other dropout masks)."""
+    pieces: dict[int, list[torch.Tensor]] = {id(p): [] for p in params}
+    total = 0.0
+    padded = batch["input_ids"].numel() if "input_ids" in batch else 0
+    whole = max_tokens <= 0 or padded <= max_tokens
+    for _, part in [(None, batch)] if whole else split_by_length(batch, max_tokens):
+        loss = per_example_loss_sum(model, {k: v.to(device) for k, v in part.items()})
+        with warnings.catch_warnings():  # Opacus' full-backward-hook notice on the first layer
+            warnings.simplefilter("ignore", UserWarning)
+            loss.backward()
+        total += float(loss.detach())
+        for p in params:
+            sample = getattr(p, "grad_sample", None)
+            if sample is None:
+                raise ValueError(
+                    f"a trainable parameter of shape {tuple(p.shape)} got no per-example gradient: it is not used "
+                    "in the forward pass, so DP-SGD cannot clip it; freeze it (requires_grad = False)"
+                )
+            pieces[id(p)].extend(sample if isinstance(sample, list) else [sample])
+            p.grad_sample = None
+    for p in params:
+        p.grad_sample = torch.cat(pieces[id(p)]) if len(pieces[id(p)]) > 1 else pieces[id(p)][0]
+    return total
+
+
 def _attach_per_sample_engine(model: nn.Module, engine: str):
     if engine == "fused":
         return FusedPerSampleGrads(model).__enter__()
@@ -93,12 +123,16 @@ def train_private(
     max_grad_norm: float,
     engine: str = "hooks",
     max_physical_batch_size: int = 0,
+    max_tokens: int = 0,
     optimizer_kind: str = "sgd",
     seed: int = 0,
     check_budget: bool = True,
 ) -> DPTrainResult:
     """One round of DP-SGD for one client. Raises ``PrivacyBudgetExceeded`` *before* training if the
-    round's steps would take ``accountant`` past ``plan.target_epsilon``; nothing is changed then."""
+    round's steps would take ``accountant`` past ``plan.target_epsilon``; nothing is changed then.
+
+    ``max_tokens`` > 0 runs each Poisson batch through the model in length-sorted pieces of at most that many
+    padded tokens (the same per-example gradients, clipped and noised once per logical batch)."""
     from opacus.optimizers import DPOptimizer
 
     dataset_size = len(dataset)
@@ -143,12 +177,8 @@ def train_private(
                     empty += 1
                     empty_grad_samples(params)
                 else:
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    loss = per_example_loss_sum(model, batch)
-                    with warnings.catch_warnings():  # Opacus' full-backward-hook notice on the first layer
-                        warnings.simplefilter("ignore", UserWarning)
-                        loss.backward()
-                    total_loss += float(loss.detach())
+                    loss = _backward_in_chunks(model, batch, params, device, max_tokens)
+                    total_loss += float(loss)
                     examples += int(batch["labels"].shape[0])
                 optimizer.step()  # a noisy, accounted step (deferred while a split logical batch goes on)
                 optimizer.zero_grad(set_to_none=True)
