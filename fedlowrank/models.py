@@ -121,8 +121,8 @@ def load_model(
     """Load a pretrained model for ``task`` ("seq-cls", "image-cls" or "causal-lm"), move it to ``device``.
 
     Classification heads get ``num_labels`` outputs; a pretrained head of another size (an ImageNet
-    classifier, say) is replaced by a new one. The model is moved to the device here, before any adapter is
-    attached (Opacus/peft hazard #820).
+    classifier, or a text classifier fine-tuned on other labels) is replaced by a new one. The model is moved
+    to the device here, before any adapter is attached (Opacus/peft hazard #820).
     """
     path = resolve_model_path(name_or_path)
     files = IMAGE_PROCESSOR_FILES if task == "image-cls" else ""
@@ -139,14 +139,13 @@ def load_model(
         if task in ("seq-cls", "image-cls"):
             if not num_labels:
                 raise ValueError(f"{task} (classification) needs num_labels")
-            kwargs = {"num_labels": num_labels}
+            # a saved head of another size (an ImageNet classifier, a 6-class TREC checkpoint) is replaced
+            kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
             if label_names:
                 kwargs["id2label"] = dict(enumerate(label_names))
                 kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
             if task == "image-cls":
-                model = AutoModelForImageClassification.from_pretrained(
-                    path, **kwargs, ignore_mismatched_sizes=True, **hub
-                )
+                model = AutoModelForImageClassification.from_pretrained(path, **kwargs, **hub)
             else:
                 model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs, **hub)
                 if model.config.pad_token_id is None:

@@ -150,3 +150,18 @@ def test_fast_state_access_agrees_with_peft_state_dicts(adapter):
     again = {k: v + 1 for k, v in state.items()}
     set_peft_model_state_dict(model, again)
     assert all(torch.equal(adapter_state(model)[k], again[k]) for k in again)
+
+
+def test_a_saved_text_classifier_of_other_labels_gets_a_new_head(tmp_path):
+    """A local checkpoint with a 6-way head (e.g. fine-tuned on TREC) loads for a 2-class task: the body is
+    kept, the head is replaced by a fresh one of the new size."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, num_labels=6)  # fmt: skip
+    torch.manual_seed(0)
+    saved = BertForSequenceClassification(config)
+    saved.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), num_labels=2)
+    assert loaded.classifier.out_features == 2 and loaded.config.num_labels == 2
+    torch.testing.assert_close(loaded.bert.pooler.dense.weight, saved.bert.pooler.dense.weight)

@@ -274,27 +274,32 @@ def test_a_round_that_cannot_move_the_weights_is_an_error(workspace):
         )
 
 
+def _seeded_sgd_round(workspace, data, accountant, *, engine: str = "fused", **splitting) -> dict:
+    """One seeded DP-SGD round (σ 0.5, 2 steps of 8) from the initial adapter; the adapter it ends at."""
+    load_adapter_state(workspace.model, workspace.initial_state)
+    train_private(
+        workspace.model,
+        data,
+        workspace.collator,
+        TrainSettings(lr=0.1),
+        fixed_dp_plan(len(data), 0.5, batch_size=8, local_steps=2),
+        accountant,
+        max_grad_norm=1.0,
+        engine=engine,
+        optimizer_kind="sgd",
+        seed=2,
+        **splitting,
+    )
+    return adapter_state(workspace.model)
+
+
 def test_physical_batch_splitting_gives_the_same_update(no_dropout):
     workspace = no_dropout
     small = workspace.client_train_dataset(0).select(range(16))
-    plan = fixed_dp_plan(16, 0.5, batch_size=8, local_steps=2)
-    states = []
-    for physical in (0, 3):
-        load_adapter_state(workspace.model, workspace.initial_state)
-        train_private(
-            workspace.model,
-            small,
-            workspace.collator,
-            TrainSettings(lr=0.1),
-            plan,
-            PrivacyAccountant(),
-            max_grad_norm=1.0,
-            engine="fused",
-            max_physical_batch_size=physical,
-            optimizer_kind="sgd",
-            seed=2,
-        )
-        states.append(adapter_state(workspace.model))
+    states = [
+        _seeded_sgd_round(workspace, small, PrivacyAccountant(), max_physical_batch_size=physical)
+        for physical in (0, 3)
+    ]
     for key in states[0]:
         torch.testing.assert_close(states[0][key], states[1][key], rtol=1e-4, atol=1e-6)
 
@@ -480,7 +485,6 @@ def test_length_sorted_pieces_give_the_same_dp_update(no_dropout, engine, monkey
     small = workspace.client_train_dataset(0).select(range(16))
     lengths = [len(row["input_ids"]) for row in small]
     assert len(set(lengths)) > 1  # otherwise sorting by length would not change the padding
-    plan = fixed_dp_plan(16, 0.5, batch_size=8, local_steps=2)
     import fedlowrank.privacy.dp_sgd as dp_sgd
     from fedlowrank.training import split_by_length
 
@@ -494,22 +498,8 @@ def test_length_sorted_pieces_give_the_same_dp_update(no_dropout, engine, monkey
     monkeypatch.setattr(dp_sgd, "split_by_length", counted)
     states, accounted = [], []
     for max_tokens in (0, 2 * max(lengths)):  # about two examples per piece
-        load_adapter_state(workspace.model, workspace.initial_state)
         accountant = PrivacyAccountant()
-        train_private(
-            workspace.model,
-            small,
-            workspace.collator,
-            TrainSettings(lr=0.1),
-            plan,
-            accountant,
-            max_grad_norm=1.0,
-            engine=engine,
-            max_tokens=max_tokens,
-            optimizer_kind="sgd",
-            seed=2,
-        )
-        states.append(adapter_state(workspace.model))
+        states.append(_seeded_sgd_round(workspace, small, accountant, engine=engine, max_tokens=max_tokens))
         accounted.append(accountant.steps)
     assert accounted == [2, 2]  # one accounted step per logical batch, not per piece
     assert pieces and max(pieces) > 1  # the second run really split its batches
