@@ -33,7 +33,7 @@ train: $(STAMP)  ## centralized LoRA on the same task (the upper bound)
 	$(VENV)/bin/fedlowrank train $(ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -8,7 +8,11 @@ process so that nothing is shared between them:
                     one CPU per client (``--flower-gpus`` per client on a GPU);
 - ``batched``     — the same apps in process through ``BatchedGrid`` (``engine = "batched"``);
 - ``sequential``  — the same apps in process, one ClientApp call after another (``InProcessGrid``);
-- ``centralized`` — one adapter trained on the same examples, batch K·b (the hardware limit).
+- ``centralized`` — one adapter trained on the same examples, batch K·b (the hardware limit);
+- ``cohorts``     — past one process: the same apps under Flower's simulation engine with ``--nodes`` cohort
+                    nodes (``cohort-nodes``), each a process with cores/nodes threads hosting its share of the K
+                    clients and training its sampled ones with the batched engine. Not in the default modes:
+                    ``--modes batched,cohorts`` compares it with one in-process batched run on every core.
 Dynamic padding everywhere. A federated mode's time is the median ``train_round_time`` (configure, train,
 aggregate; no evaluation) of rounds 2..R: start-up and the first round's warm-up (Ray actors, model loading)
 are excluded for every mode alike. Peak memory is the machine's RAM in use above the mode's start (all
@@ -16,12 +20,14 @@ processes, Ray's included), and on CUDA the peak allocated device memory.
 
 Prints a table, then one summary line per target it measured, last:
 ``ratio_to_limit minilm K=32: x``, ``speedup_vs_flower small K=512: x`` and, on a GPU,
-``speedup_vs_flower gpu K=128: x``, ``ratio_to_centralized gpu K=128: x``. Writes JSON to
+``speedup_vs_flower gpu K=128: x``, ``ratio_to_centralized gpu K=128: x``, and with ``cohorts``
+``ratio_two_nodes_to_one_process small K=128: x``. Writes JSON to
 ``benchmarks/results/engine/<model>-<device>.json``.
 
     python benchmarks/bench_engine.py --model small --clients 8,32,128,512 --steps 1 --batch 8
     python benchmarks/bench_engine.py --model minilm --clients 32 --steps 4 --batch 16 --sizes equal
     python benchmarks/bench_engine.py --model decoder --clients 8,32 --steps 2 --batch 4
+    python benchmarks/bench_engine.py --model small --clients 128 --modes batched,cohorts --nodes 2 --repeats 3
 
 ``--model decoder``: instruction tuning of a config-built Llama (hidden 256, 4 layers, random weights: the
 speed does not depend on them; character tokens) on the shipped GSM8K, 128 tokens, LoRA on q/v; the table
@@ -42,7 +48,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = ("flower", "batched", "sequential", "centralized")
+MODES = ("flower", "batched", "sequential", "centralized", "cohorts")
+DEFAULT_MODES = MODES[:4]
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
@@ -103,6 +110,7 @@ def run_config(args: argparse.Namespace, mode: str, clients: int, sizes: str, ou
         "server-eval-every": 10_000,  # evaluation only after the last round, outside the timed phase
         "device": args.device,
         "engine": "batched" if mode == "batched" else "sequential",
+        "cohort-nodes": args.nodes if mode == "cohorts" else 0,
         "engine-max-tokens": args.max_tokens,
         "data.partitioner": "iid" if sizes == "equal" else "dirichlet",
         "data.dirichlet-alpha": 0.5,
@@ -200,22 +208,26 @@ def worker(args: argparse.Namespace) -> dict:
         extra: dict = {}
         if args.worker == "centralized":
             seconds, examples, extra = centralized(config, args)
-        elif args.worker == "flower":
+        elif args.worker in ("flower", "cohorts"):
             from flwr.simulation import run_simulation
 
             from clients.client_app import make_client_app
             from strategies.server_app import make_server_app
 
+            nodes = config.cohort_nodes or config.num_clients
+            cpus = os.cpu_count() or 1
             run_simulation(
                 server_app=make_server_app(config),
                 client_app=make_client_app(config),
-                num_supernodes=config.num_clients,
+                num_supernodes=nodes,
                 backend_name="ray",
                 backend_config={
-                    "client_resources": {"num_cpus": 1, "num_gpus": args.flower_gpus},
-                    "init_args": {"num_cpus": os.cpu_count(), "include_dashboard": False},
+                    # cohort nodes: the cores shared out, each node a process with its own threads
+                    "client_resources": {"num_cpus": max(1, cpus // nodes) if config.cohort_nodes else 1,
+                                         "num_gpus": args.flower_gpus},
+                    "init_args": {"num_cpus": cpus, "include_dashboard": False},
                 },
-            )
+            )  # fmt: skip
             seconds, examples = federated_round_time(config)
         else:
             from fedlowrank.progress import Reporter
@@ -279,7 +291,7 @@ def resolved_max_tokens(config) -> int:
 
 def run_mode(args: argparse.Namespace, mode: str, clients: int, sizes: str) -> dict:
     command = [sys.executable, __file__, "--worker", mode, "--worker-clients", str(clients), "--worker-sizes", sizes]
-    for name in ("model", "steps", "batch", "rounds", "device", "data_dir", "flower_gpus", "max_tokens"):
+    for name in ("model", "steps", "batch", "rounds", "device", "data_dir", "flower_gpus", "max_tokens", "nodes"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
@@ -291,12 +303,23 @@ def run_mode(args: argparse.Namespace, mode: str, clients: int, sizes: str) -> d
     return result
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run of median throughput, with every repeat's throughput beside it (the first failure if any)."""
+    failed = [run for run in runs if "error" in run]
+    if failed:
+        return failed[0]
+    ordered = sorted(runs, key=lambda run: run["examples_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "examples_per_s_repeats": [run["examples_per_s"] for run in runs]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("minilm", "small", "decoder"), default="small")
     parser.add_argument("--clients", default="8,32,128,512")
     parser.add_argument("--sizes", choices=("equal", "uneven", "both"), default="equal")
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"any of {', '.join(MODES)}")
+    parser.add_argument("--nodes", type=int, default=2, help="cohort nodes of the 'cohorts' mode")
+    parser.add_argument("--repeats", type=int, default=1, help="measure each mode this many times (the spread)")
     parser.add_argument("--steps", type=int, default=1, help="local steps E per client (equal sizes)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="rounds per federated run (rounds 2.. are timed)")
@@ -336,9 +359,19 @@ def main() -> None:
                 "steps": args.steps,
                 "batch": args.batch,
             }
+            repeats: dict[str, list[dict]] = {mode: [] for mode in modes}
+            for _ in range(args.repeats):  # interleaved, so that a drift of the machine hits every mode alike
+                for mode in modes:
+                    repeats[mode].append(run_mode(args, mode, clients, sizes))
             for mode in modes:
-                row[mode] = run_mode(args, mode, clients, sizes)
+                row[mode] = median_run(repeats[mode])
             rate = {m: row[m].get("examples_per_s") for m in modes}
+            if rate.get("cohorts") and rate.get("batched"):
+                row["ratio_nodes_to_one_process"] = rate["cohorts"] / rate["batched"]
+                paired = zip(repeats["cohorts"], repeats["batched"], strict=True)
+                row["ratio_nodes_to_one_process_repeats"] = [
+                    c["examples_per_s"] / b["examples_per_s"] for c, b in paired
+                ]
             if rate.get("batched") and rate.get("centralized"):
                 row["ratio_to_limit"] = rate["batched"] / rate["centralized"]
             if rate.get("batched") and rate.get("flower"):
@@ -378,6 +411,12 @@ def main() -> None:
             print(f"ratio_to_limit minilm K=32: {row['ratio_to_limit']:.2f}")
         elif row["model"] == "small" and row["clients"] == 512 and "speedup_vs_flower" in row:
             print(f"speedup_vs_flower small K=512: {row['speedup_vs_flower']:.1f}")
+        if "ratio_nodes_to_one_process" in row and args.nodes == 2:
+            spread = ", ".join(f"{r:.2f}" for r in row["ratio_nodes_to_one_process_repeats"])
+            print(
+                f"ratio_two_nodes_to_one_process {row['model']} K={row['clients']}: "
+                f"{row['ratio_nodes_to_one_process']:.2f} (repeats: {spread})"
+            )
         if row["model"] == "decoder" and "ratio_to_limit" in row:
             print(f"ratio_to_limit decoder{' gpu' if on_gpu else ''} K={row['clients']}: {row['ratio_to_limit']:.2f}")
 

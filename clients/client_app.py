@@ -11,18 +11,19 @@ from __future__ import annotations
 import math
 import time
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.node import ClientNode
+from clients.cohort import member_contexts, node_cohort
+from clients.node import ClientNode, resolve_config
 from clients.trainers import LocalResult, PreparedRound, engine_max_tokens, train_one, trainer_for
 from fedlowrank.adapters import adapter_state
 from fedlowrank.checkpoint import crash_point
 from fedlowrank.config import RunConfig
-from fedlowrank.protocol import EvaluateReply, Refusal, TrainReply
+from fedlowrank.protocol import EvaluateReply, Refusal, TrainInstruction, TrainReply
 from fedlowrank.protocol import flower as wire
 
-__all__ = ["app", "make_client_app", "train_batch"]
+__all__ = ["app", "evaluate_one", "make_client_app", "train_batch", "train_together"]
 
 
 def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
@@ -39,44 +40,95 @@ def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate_on_validation(message: Message, context: Context) -> Message:
-        """The model this client would use (global, or with its own parts) on its validation split."""
-        instruction = wire.decode_evaluate_instruction(message.content)
-        node = ClientNode(context, bound_config, instruction.server_round, instruction.server_round)
-        node.load(instruction.state, instruction.spec)
-        workspace = node.workspace
-        result = workspace.score("validation", node.partition_id)
-        scored = result.num_examples > 0
-        test = {}
-        # a personalised client that never trained has no model of its own: it does not score the test set
-        if instruction.test_set and (not instruction.spec.kept_roles() or node.has_trained()):
-            # the personalised models' last scores: with generated answers for a causal LM
-            test = workspace.score("test", generate=workspace.task.is_instruction).as_dict()
-        reply = EvaluateReply(
-            partition_id=node.partition_id,
-            num_examples=result.num_examples,
-            loss=result.loss if scored else 0.0,
-            accuracy=result.accuracy if scored else 0.0,
-            f1=result.macro_f1 if scored and math.isfinite(result.macro_f1) else 0.0,  # a causal LM has no F1
-            personalization_gap=node.personalization_gap() if instruction.spec.kept_roles() else None,
-            test=test,
-        )
-        return Message(wire.encode_reply(reply), reply_to=message)
+        return Message(wire.encode_reply(evaluate_one(message.content, context, bound_config)), reply_to=message)
+
+    @app.query(wire.COHORT)
+    def cohort_identity(message: Message, context: Context) -> Message:
+        """Which cohort this node hosts: the server maps its virtual clients to nodes with it."""
+        config = resolve_config(context, bound_config)
+        return Message(wire.encode_cohort_identity(node_cohort(context, config), config.cohort_nodes), reply_to=message)
+
+    @app.train(wire.COHORT)
+    def train_cohort(message: Message, context: Context) -> Message:
+        """The sampled clients this node hosts, trained together in waves; one reply each, in one message."""
+        started = time.perf_counter()
+        content, clients = wire.decode_cohort_instruction(message.content)
+        instruction = wire.decode_train_instruction(content)  # the broadcast, decoded once for all members
+        config = resolve_config(context, bound_config)
+        members = member_contexts(context, clients, config)
+        size = config.engine_wave_size or len(members)
+        replies: list[TrainReply | Refusal] = []
+        for start in range(0, len(members), size):
+            wave = members[start : start + size]
+            replies += train_together([instruction] * len(wave), wave, bound_config)
+        encoded: dict[int, RecordDict | str] = {c: wire.encode_reply(r) for c, r in zip(clients, replies, strict=True)}
+        crash_point(f"cohort-{node_cohort(context, config)}-trained-round-{instruction.server_round}")  # test hook
+        return Message(wire.encode_cohort_replies(encoded, time.perf_counter() - started), reply_to=message)
+
+    @app.evaluate(wire.COHORT)
+    def evaluate_cohort(message: Message, context: Context) -> Message:
+        """Each sampled client this node hosts scores its validation split; a client that fails says why."""
+        started = time.perf_counter()
+        content, clients = wire.decode_cohort_instruction(message.content)
+        members = member_contexts(context, clients, resolve_config(context, bound_config))
+        replies: dict[int, RecordDict | str] = {}
+        for client, member in zip(clients, members, strict=True):
+            try:
+                replies[client] = wire.encode_reply(evaluate_one(content, member, bound_config))
+            except Exception as exc:  # as Flower does for a lone client: this one fails, the others go on
+                replies[client] = f"{type(exc).__name__}: {exc}"
+        return Message(wire.encode_cohort_replies(replies, time.perf_counter() - started), reply_to=message)
 
     return app
 
 
+def evaluate_one(content: RecordDict, context: Context, bound: RunConfig | None) -> EvaluateReply:
+    """The model this client would use (global, or with its own parts) on its validation split."""
+    instruction = wire.decode_evaluate_instruction(content)
+    node = ClientNode(context, bound, instruction.server_round, instruction.server_round)
+    node.load(instruction.state, instruction.spec)
+    workspace = node.workspace
+    result = workspace.score("validation", node.partition_id)
+    scored = result.num_examples > 0
+    test = {}
+    # a personalised client that never trained has no model of its own: it does not score the test set
+    if instruction.test_set and (not instruction.spec.kept_roles() or node.has_trained()):
+        # the personalised models' last scores: with generated answers for a causal LM
+        test = workspace.score("test", generate=workspace.task.is_instruction).as_dict()
+    return EvaluateReply(
+        partition_id=node.partition_id,
+        num_examples=result.num_examples,
+        loss=result.loss if scored else 0.0,
+        accuracy=result.accuracy if scored else 0.0,
+        f1=result.macro_f1 if scored and math.isfinite(result.macro_f1) else 0.0,  # a causal LM has no F1
+        personalization_gap=node.personalization_gap() if instruction.spec.kept_roles() else None,
+        test=test,
+    )
+
+
 def train_batch(messages: list[Message], contexts: list[Context], bound: RunConfig | None) -> list[Message]:
-    """Train several clients' messages together on the shared base (``fedlowrank.engine``): the replies are the
-    ones ``train`` would give (refusals included). Rounds whose trainer the engine cannot batch (GaLore, federated
-    GaLore) go one by one."""
+    """Train several clients' messages together (``train_together``); the replies ``train`` would give."""
+    decoded: dict[int, TrainInstruction] = {}  # a round's messages share one content: decode it once
+    for message in messages:
+        if id(message.content) not in decoded:
+            decoded[id(message.content)] = wire.decode_train_instruction(message.content)
+    replies = train_together([decoded[id(m.content)] for m in messages], contexts, bound)
+    return [Message(wire.encode_reply(r), reply_to=m) for m, r in zip(messages, replies, strict=True)]
+
+
+def train_together(
+    instructions: list[TrainInstruction], contexts: list[Context], bound: RunConfig | None
+) -> list[TrainReply | Refusal]:
+    """Train several clients' instructions together on the shared base (``fedlowrank.engine``): the replies
+    are the ones ``train`` would give (refusals included). Rounds whose trainer the engine cannot batch
+    (GaLore, federated GaLore) go one by one."""
     from fedlowrank.engine import ClientJob, train_batched
 
     replies: dict[int, TrainReply | Refusal] = {}
     prepared: dict[int, PreparedRound] = {}
     jobs: dict[int, ClientJob] = {}
     trainer = None
-    for index, (message, context) in enumerate(zip(messages, contexts, strict=True)):
-        instruction = wire.decode_train_instruction(message.content)
+    for index, (instruction, context) in enumerate(zip(instructions, contexts, strict=True)):
         node = ClientNode(context, bound, instruction.server_round, instruction.server_round - 1)
         trainer = trainer or trainer_for(node, instruction)
         outcome = trainer.prepare(node, instruction)  # sets the shared model to this client's start
@@ -105,7 +157,7 @@ def train_batch(messages: list[Message], contexts: list[Context], bound: RunConf
         elapsed = (time.perf_counter() - started) / len(jobs)  # the wave's time, shared out
         for index, (state, result) in zip(jobs, trained, strict=True):
             replies[index] = trainer.finish(prepared[index], LocalResult(state, result), elapsed)  # type: ignore[union-attr]
-    return [Message(wire.encode_reply(replies[index]), reply_to=messages[index]) for index in range(len(messages))]
+    return [replies[index] for index in range(len(instructions))]
 
 
 app = make_client_app()

@@ -14,37 +14,47 @@ import torch
 from flwr.app import Context
 
 from fedlowrank.config import ConfigError, RunConfig
-from fedlowrank.protocol.flower import record_to_state, state_to_record
+from fedlowrank.protocol.flower import COHORT_ID, record_to_state, state_to_record
 from fedlowrank.state import ClientStateStore, DiskStateStore, newest_upto, stale, versioned
 
 PREFIX = "fedlowrank."
 
 
 class ContextStateStore:
-    """Client state in Flower's ``Context.state`` (persists across rounds in simulation and on a SuperNode)."""
+    """Client state in Flower's ``Context.state`` (persists across rounds in simulation and on a SuperNode).
 
-    def __init__(self, context: Context) -> None:
-        self.context = context
+    ``shared``: the Context is a cohort node's, shared by the virtual clients it hosts, so each client's entries
+    carry its name."""
 
-    def _entries(self) -> list[str]:
-        return [key[len(PREFIX) :] for key in self.context.state.array_records if key.startswith(PREFIX)]
+    def __init__(self, context: Context, shared: bool = False) -> None:
+        self.context, self.shared = context, shared
+
+    def _prefix(self, client: str) -> str:
+        return f"{PREFIX}{client}/" if self.shared else PREFIX
+
+    def _entries(self, client: str) -> list[str]:
+        prefix = self._prefix(client)
+        return [key[len(prefix) :] for key in self.context.state.array_records if key.startswith(prefix)]
 
     def load(self, client: str, name: str, upto: int) -> dict[str, torch.Tensor] | None:
-        entry = newest_upto(self._entries(), name, upto)
-        return None if entry is None else record_to_state(self.context.state.array_records[PREFIX + entry])
+        entry = newest_upto(self._entries(client), name, upto)
+        if entry is None:
+            return None
+        return record_to_state(self.context.state.array_records[self._prefix(client) + entry])
 
     def save(self, client: str, name: str, tensors: dict[str, torch.Tensor], version: int) -> None:
-        self.context.state[PREFIX + versioned(name, version)] = state_to_record(tensors)
-        for old in stale(self._entries(), name, version):
-            del self.context.state[PREFIX + old]
+        self.context.state[self._prefix(client) + versioned(name, version)] = state_to_record(tensors)
+        for old in stale(self._entries(client), name, version):
+            del self.context.state[self._prefix(client) + old]
 
 
 def state_store(config: RunConfig, context: Context, in_process: bool) -> ClientStateStore:
     """The node's ``state-dir`` (a disk store), else Flower's Context.state. ``client-state = "disk"`` needs a
     folder: the node's, or, in-process, ``client-state-dir`` (default ``<output-dir>/<name>/client-state``)."""
     node_dir = str(context.node_config.get("state-dir", ""))
+    shared = COHORT_ID in context.node_config  # a cohort member: the node's Context holds all its clients
     if config.client_state == "context":
-        return ContextStateStore(context)
+        return ContextStateStore(context, shared)
     if node_dir:
         return DiskStateStore(node_dir)
     if config.client_state == "disk":
@@ -54,4 +64,4 @@ def state_store(config: RunConfig, context: Context, in_process: bool) -> Client
                 "\"state-dir='/path/on/the/node'\" (a path in the run config is not used on a node)"
             )
         return DiskStateStore(config.client_state_dir or str(Path(config.output_dir) / config.name / "client-state"))
-    return ContextStateStore(context)
+    return ContextStateStore(context, shared)

@@ -262,21 +262,31 @@ def sweep_privacy(
     epsilons: Annotated[str, typer.Option(help="Sample-level ε values; 'inf' = no DP.")] = "1,3,6,inf",
     strategies: Annotated[str, typer.Option(help="Comma-separated strategies.")] = "fedit,ffa,fedsvd",
     seeds: Annotated[int, typer.Option(help="Number of seeds (0, 1, ..., N-1).")] = 3,
+    method_set: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method-set", help="One method's own setting, METHOD:KEY=VALUE, e.g. ffa:lora.alpha=64 (repeatable)."
+        ),
+    ] = None,
     output: Annotated[Path, typer.Option(help="Output folder (resumable).")] = Path("runs/sweep-privacy"),
 ) -> None:
     """Accuracy against the privacy budget: strategies x ε x seeds, with a CSV, a table and a plot."""
     with user_errors(ValueError):
         base = load_config(config, set_, data_dir, None)
         _quiet_libraries()
-        from simulations.sweep_privacy import parse_epsilons, run_privacy_sweep
+        from simulations.sweep_privacy import parse_epsilons, parse_method_settings, run_privacy_sweep
 
         eps_values = parse_epsilons(epsilons)
         if seeds < 1:
             raise ConfigError("--seeds must be >= 1")
+        settings = parse_method_settings(list(method_set or []))
         from simulations.sweep import SweepRun
 
         with _sweep_progress("sweep privacy", len(_csv(strategies)) * len(eps_values) * seeds) as advance:
-            run_privacy_sweep(base, _csv(strategies), eps_values, list(range(seeds)), SweepRun(output, on_cell=advance))
+            run_privacy_sweep(
+                base, _csv(strategies), eps_values, list(range(seeds)), SweepRun(output, on_cell=advance),
+                method_settings=settings, command=_command_line(),
+            )  # fmt: skip
         console.print((output / "privacy.md").read_text())
         console.print(f"wrote {output}/privacy.csv, privacy.md, privacy.png")
 

@@ -309,6 +309,12 @@ class RunConfig:
         choices=("sequential", "batched"),
     )
     engine_wave_size: int = setting(0, "batched engine: at most this many clients at once (0: all sampled)", minimum=0)
+    cohort_nodes: int = setting(
+        0,
+        "nodes that each host a cohort of virtual clients (client k on node k mod N) and train the sampled ones "
+        "together with the batched engine; 0: one node per client",
+        minimum=0,
+    )
     engine_max_tokens: int = setting(
         0,
         "padded tokens per forward chunk, batched engine and DP-SGD clients (0: 4,096 on a CPU, 32,768 on a GPU)",
@@ -432,6 +438,15 @@ class RunConfig:
             "DP-SGD supports lora.adapter = 'lora' only (not VeRA) for now",
         )
         need(not (self.resume and self.overwrite), "resume and overwrite exclude each other: pick one")
+        need(
+            self.cohort_nodes <= self.num_clients,
+            f"cohort-nodes={self.cohort_nodes} exceeds num-clients={self.num_clients}: every node hosts a client",
+        )
+        need(
+            not (self.cohort_nodes and self.task == "image-cls"),
+            "cohort nodes train with the batched engine, which supports text tasks only: set cohort-nodes = 0 for "
+            "task = 'image-cls'",
+        )
         need(
             self.server.min_available <= self.num_clients,
             f"server.min-available={self.server.min_available} exceeds num-clients={self.num_clients}",

@@ -46,7 +46,7 @@ class Reporter:
     def round_started(self, server_round: int, num_clients: int) -> None:
         log.info("round %d: training %d clients", server_round, num_clients)
 
-    def client_finished(self) -> None:
+    def client_finished(self, count: int = 1) -> None:
         pass
 
     def note(self, text: str) -> None:
@@ -90,8 +90,8 @@ class RichReporter(Reporter):
             visible=True,
         )
 
-    def client_finished(self) -> None:
-        self.progress.advance(self.clients_task)
+    def client_finished(self, count: int = 1) -> None:
+        self.progress.advance(self.clients_task, count)
 
     def note(self, text: str) -> None:
         self.progress.console.print(f"[yellow]{text}")

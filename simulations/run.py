@@ -8,6 +8,7 @@ from typing import Any
 from clients.client_app import make_client_app
 from fedlowrank.config import RunConfig
 from fedlowrank.progress import Reporter
+from fedlowrank.protocol.flower import clients_trained
 from simulations.grids import BatchedGrid, InProcessGrid, adopt_server_identity
 from strategies.server_app import run_server
 
@@ -34,9 +35,9 @@ def run_inprocess(config: RunConfig, reporter: Reporter | None = None) -> dict[s
     reporter = reporter or Reporter()
     adopt_server_identity()
     arguments: dict[str, Any] = dict(
-        num_nodes=config.num_clients,
+        num_nodes=config.cohort_nodes or config.num_clients,  # cohort nodes: each hosts its share of the clients
         run_config=config.to_flat(),
-        on_reply=lambda reply: reporter.client_finished() if reply.metadata.message_type == "train" else None,
+        on_reply=lambda reply: reporter.client_finished(clients_trained(reply)),
         seed=config.seed,
         node_config=virtual_node_config(config),
     )

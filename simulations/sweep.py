@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,8 @@ def _settings(config: RunConfig) -> dict[str, Any]:
     from strategies.registry import option_defaults
 
     flat = config.to_flat()
+    if flat.get("data-dir"):  # the same folder, however it was written
+        flat["data-dir"] = os.path.abspath(flat["data-dir"])
     for method, options in option_defaults().items():
         for option, value in options.items():
             flat.setdefault(f"method.{method}.{option}", value)

@@ -3,8 +3,13 @@
 Runs strategies x ε x seeds (ε = ``inf`` is the non-private reference: no DP-SGD at all) on the resumable sweep
 helper and writes, in the output folder,
 - ``privacy.csv``: one row per cell (final test accuracy and F1, the largest ε any client spent, σ);
-- ``privacy.md``: accuracy mean ± std over seeds, one row per strategy, one column per ε;
+- ``privacy.md``: accuracy mean ± std over seeds, one row per strategy, one column per ε, each strategy's own
+  settings, and the command that made it;
 - ``privacy.png``: accuracy against ε, one line per strategy with its seed spread.
+
+Methods differ in what they train (FFA-LoRA and FedSVD train B only), so each may run at its own settings, tuned
+on validation data (``fedlowrank tune``): ``--method-set ffa:lora.alpha=64`` changes that key in FFA-LoRA's cells
+only. The cell folders keep their names; a folder holding a run of other settings is refused, never reused.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
-from fedlowrank.config import ConfigError, RunConfig
+from fedlowrank.config import ConfigError, RunConfig, parse_overrides
 from simulations import sweep
 from strategies.registry import get_method
 
@@ -36,20 +41,49 @@ def epsilon_label(epsilon: float) -> str:
     return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
 
 
-def privacy_cell(strategy: str, epsilon: float, seed: int) -> sweep.Cell:
+def parse_method_settings(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["ffa:lora.alpha=64", "ffa:dp.lr=8"]`` -> ``{"ffa": {"lora.alpha": 64, "dp.lr": 8}}`` (canonical names)."""
+    settings: dict[str, dict[str, Any]] = {}
+    for item in items:
+        method, sep, assignment = item.partition(":")
+        if not sep or "=" not in assignment:
+            raise ConfigError(f"--method-set expects METHOD:KEY=VALUE (e.g. ffa:lora.alpha=64), got {item!r}")
+        name = get_method(method.strip()).name
+        settings.setdefault(name, {}).update(parse_overrides([assignment]))
+    return settings
+
+
+def privacy_cell(strategy: str, epsilon: float, seed: int, settings: dict[str, Any] | None = None) -> sweep.Cell:
     label = epsilon_label(epsilon)
-    overrides = {"strategy": strategy, "seed": seed, "dp.epsilon": 0.0 if math.isinf(epsilon) else epsilon}
+    overrides = {**(settings or {}), "strategy": strategy, "seed": seed}
+    overrides["dp.epsilon"] = 0.0 if math.isinf(epsilon) else epsilon
     return sweep.Cell(
         f"{strategy}_eps-{label}_seed-{seed}", overrides, {"strategy": strategy, "epsilon": label, "seed": seed}
     )
 
 
 def run_privacy_sweep(
-    base: RunConfig, strategies: list[str], epsilons: list[float], seeds: list[int], run: sweep.SweepRun
+    base: RunConfig,
+    strategies: list[str],
+    epsilons: list[float],
+    seeds: list[int],
+    run: sweep.SweepRun,
+    method_settings: dict[str, dict[str, Any]] | None = None,
+    command: str = "",
 ) -> list[dict[str, Any]]:
     names = [get_method(s).name for s in strategies]  # a typo fails before any run
-    cells = [privacy_cell(*values) for values in product(names, epsilons, seeds)]
-    runs = sweep.run_cells(base, cells, run, lambda done: write_outputs([_cell_row(r) for r in done], run.output_dir))
+    settings = method_settings or {}
+    if unused := sorted(set(settings) - set(names)):
+        raise ConfigError(f"--method-set names {', '.join(unused)}, which this sweep does not run ({', '.join(names)})")
+    cells = [
+        privacy_cell(strategy, epsilon, seed, settings.get(strategy))
+        for strategy, epsilon, seed in product(names, epsilons, seeds)
+    ]
+
+    def write(done: list[sweep.CellRun]) -> None:
+        write_outputs([_cell_row(r) for r in done], run.output_dir, settings, command)
+
+    runs = sweep.run_cells(base, cells, run, write)
     return [_cell_row(cell_run) for cell_run in runs]
 
 
@@ -71,7 +105,12 @@ def _epsilon_order(label: str) -> float:
     return math.inf if label == "inf" else float(label)
 
 
-def write_outputs(rows: list[dict[str, Any]], output_dir: Path) -> None:
+def write_outputs(
+    rows: list[dict[str, Any]],
+    output_dir: Path,
+    method_settings: dict[str, dict[str, Any]] | None = None,
+    command: str = "",
+) -> None:
     sweep.write_csv(rows, output_dir / "privacy.csv")
     labels = sorted({row["epsilon"] for row in rows}, key=_epsilon_order)
     cells = sweep.grouped(rows, ("strategy", "epsilon"))
@@ -85,9 +124,18 @@ def write_outputs(rows: list[dict[str, Any]], output_dir: Path) -> None:
             ]
         )
     header = ["strategy", *(f"ε = {'∞ (no DP)' if label == 'inf' else label}" for label in labels)]
-    (output_dir / "privacy.md").write_text(
-        "test accuracy, mean ± std over seeds\n\n" + sweep.markdown_table(header, table)
-    )
+    settings = method_settings or {}
+    own = [
+        f"- {strategy}: " + ", ".join(f"`{key} = {value}`" for key, value in settings[strategy].items())
+        for strategy in dict.fromkeys(row["strategy"] for row in rows)
+        if settings.get(strategy)
+    ]
+    text = "test accuracy, mean ± std over seeds\n\n" + sweep.markdown_table(header, table)
+    if own:
+        text += "\nEach method's own settings (the rest is the config's):\n\n" + "\n".join(own) + "\n"
+    if command:
+        text += f"\nMade by:\n\n    {command}\n"
+    (output_dir / "privacy.md").write_text(text)
     plot_privacy(rows, output_dir / "privacy.png")
 
 

@@ -11,6 +11,7 @@ recorder (``runs/<name>/``). No method is named here.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from fedlowrank.protocol import Refusal, TrainReply
 from fedlowrank.protocol import flower as wire
 from fedlowrank.report import RunRecorder, check_run_dir, plot_run, read_metrics, summary_scores
 from fedlowrank.runtime import Workspace, get_workspace
+from strategies.cohorts import CohortGrid
 from strategies.registry import resolve_method
 from strategies.strategy import FederationError, LoRAStrategy, TrainRoundResult, build_strategy
 
@@ -104,6 +106,15 @@ class PersonalizedEvaluation:
         return {"test_eval": "personalized-mean"}
 
 
+def cohort_grid(grid: Grid, config: RunConfig) -> tuple[Grid, Callable[[], dict[str, Any]]]:
+    """The grid the strategy addresses (virtual clients on cohort nodes, when the run has them) and what each
+    round's row says about its nodes."""
+    if not config.cohort_nodes:
+        return grid, dict
+    cohorts = CohortGrid(grid, config.num_clients, config.cohort_nodes)
+    return cohorts, cohorts.round_report
+
+
 class FederatedRun:
     """One run of ``config`` over ``grid``: the strategy, the hooks, and the loop's steps.
 
@@ -115,7 +126,8 @@ class FederatedRun:
     """
 
     def __init__(self, grid: Grid, config: RunConfig, reporter: Reporter) -> None:
-        self.grid, self.config, self.reporter = grid, config, reporter
+        self.config, self.reporter = config, reporter
+        self.grid, self.node_report = cohort_grid(grid, config)
         check_run_dir(config)  # before anything loads: a bad output path or an existing run fails at once
         method = resolve_method(config)
         self.workspace = get_workspace(config)
@@ -194,6 +206,7 @@ class FederatedRun:
         train_time = time.perf_counter() - started  # configure, train, aggregate (no evaluation)
         row.update(self.evaluate(server_round))
         row.update(self.traffic.count(messages, replies))
+        row.update(self.node_report())
         row.update(
             train_round_time=train_time, round_time=time.perf_counter() - started, wall_time=self.recorder.elapsed()
         )

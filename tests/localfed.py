@@ -146,6 +146,13 @@ class LocalFederation:
         listing = json.loads(self.flwr("list", "local", "--format", "json").stdout)
         return [run["status"] for run in listing["runs"]]
 
+    def stop_runs(self) -> None:
+        """``flwr stop`` every run that has not finished."""
+        listing = json.loads(self.flwr("list", "local", "--format", "json").stdout)
+        for run in listing["runs"]:
+            if not run["status"].startswith("finished"):
+                self.flwr("stop", run["run-id"], "local")
+
     def online_nodes(self) -> int:
         listing = json.loads(self.flwr("supernode", "list", "local", "--format", "json").stdout)
         return sum(node.get("status") == "online" for node in listing["nodes"])

@@ -124,6 +124,10 @@ def test_pyproject_flower_config_declares_every_key_with_its_default():
         (["--epsilons", "0,3"], "every ε must be > 0"),
         (["--strategies", "fedit,fedprox"], "unknown strategy"),
         (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--method-set", "ffa=lora.alpha"], "expects METHOD:KEY=VALUE"),
+        (["--method-set", "fedprox:lora.alpha=64"], "unknown strategy"),
+        (["--strategies", "fedit", "--method-set", "ffa:lora.alpha=64"], "which this sweep does not run"),
+        (["--method-set", "ffa:lora.alfa=64"], "alfa"),
     ],
 )
 def test_privacy_sweep_refuses_bad_input_before_any_run(args, message, data_dir, tmp_path):

@@ -280,3 +280,80 @@ def _integer(metrics: MetricRecord, key: str) -> int:
     if not math.isfinite(value) or not value.is_integer():
         raise MalformedMessage(f"{key!r} must be a whole number, got {value!r}")
     return int(value)
+
+
+# ---- cohorts: one message per node for the virtual clients it hosts --------------------------------------------
+COHORT = "cohort"  # the ConfigRecord naming a cohort message's clients, and the handlers' action
+COHORT_CLIENTS = "clients"
+COHORT_ID = "cohort-id"
+NUM_COHORTS = "num-cohorts"
+NODE_SECONDS = "node-seconds"
+CLIENT_ERROR = "client-error"
+_MEMBER = "{client}/{name}"  # a member's record inside a cohort reply
+
+
+def encode_cohort_instruction(content: RecordDict, clients: list[int]) -> RecordDict:
+    """The instruction every listed client would get (one shared broadcast), addressed to their node."""
+    cohort = RecordDict({name: record for name, record in content.items()})
+    cohort[COHORT] = ConfigRecord({COHORT_CLIENTS: [int(c) for c in clients]})
+    return cohort
+
+
+def decode_cohort_instruction(content: RecordDict) -> tuple[RecordDict, list[int]]:
+    """The per-client instruction and the clients it is for."""
+    record = content.config_records.get(COHORT)
+    if record is None or COHORT_CLIENTS not in record:
+        raise MalformedMessage(f"a cohort message needs a {COHORT!r} record listing its {COHORT_CLIENTS!r}")
+    instruction = RecordDict({name: rec for name, rec in content.items() if name != COHORT})
+    return instruction, [int(c) for c in record[COHORT_CLIENTS]]
+
+
+def encode_cohort_replies(replies: dict[int, RecordDict | str], node_seconds: float) -> RecordDict:
+    """Each client's reply (or the reason it has none) under its own names, and the node's time for them all."""
+    content = RecordDict({COHORT: ConfigRecord({COHORT_CLIENTS: sorted(replies), NODE_SECONDS: float(node_seconds)})})
+    for client, reply in replies.items():
+        if isinstance(reply, str):
+            content[_MEMBER.format(client=client, name=CLIENT_ERROR)] = ConfigRecord({REASON: reply})
+            continue
+        for name, record in reply.items():
+            content[_MEMBER.format(client=client, name=name)] = record
+    return content
+
+
+def decode_cohort_replies(content: RecordDict) -> tuple[dict[int, RecordDict | str], float]:
+    """Each client's reply content (or the reason it has none), and the node's time."""
+    record = content.config_records.get(COHORT)
+    if record is None or COHORT_CLIENTS not in record:
+        raise MalformedMessage(f"a cohort reply needs a {COHORT!r} record listing its {COHORT_CLIENTS!r}")
+    members: dict[int, RecordDict | str] = {int(c): RecordDict() for c in record[COHORT_CLIENTS]}
+    for name, member_record in content.items():
+        client, sep, inner = name.partition("/")
+        if not sep:
+            continue
+        if not client.isdigit() or int(client) not in members:
+            raise MalformedMessage(f"a cohort reply holds a record {name!r} for a client it does not list")
+        if inner == CLIENT_ERROR:
+            members[int(client)] = str(member_record.get(REASON, "no reason given"))
+        elif isinstance(members[int(client)], RecordDict):
+            members[int(client)][inner] = member_record  # type: ignore[index]
+    return members, float(record.get(NODE_SECONDS, 0.0))
+
+
+def clients_trained(reply: Message) -> int:
+    """How many clients a train reply (or a client's failure) answers for: a cohort node's, all it trained."""
+    kind = reply.metadata.message_type
+    if kind != f"train.{COHORT}":
+        return int(kind == "train")
+    record = None if reply.has_error() else reply.content.config_records.get(COHORT)
+    return len(record.get(COHORT_CLIENTS, [])) if record is not None else 0
+
+
+def encode_cohort_identity(cohort_id: int, num_cohorts: int) -> RecordDict:
+    return RecordDict({COHORT: ConfigRecord({COHORT_ID: int(cohort_id), NUM_COHORTS: int(num_cohorts)})})
+
+
+def decode_cohort_identity(content: RecordDict) -> tuple[int, int]:
+    record = content.config_records.get(COHORT)
+    if record is None or COHORT_ID not in record or NUM_COHORTS not in record:
+        raise MalformedMessage(f"a cohort node's identity needs {COHORT_ID!r} and {NUM_COHORTS!r}")
+    return int(record[COHORT_ID]), int(record[NUM_COHORTS])

@@ -29,6 +29,7 @@ __all__ = [
     "TrainInstruction",
     "TrainReply",
     "a_checksum",
+    "cohort_of",
 ]
 
 # Local trainers a method's clients can use (clients/trainers.py implements them). DP-SGD is not a trainer
@@ -42,6 +43,13 @@ PROJECTED_SUFFIX = ".projected"
 
 
 FACTOR_SIDES = ("A", "B")
+
+
+def cohort_of(client: int, num_cohorts: int) -> int:
+    """The cohort node that hosts virtual client ``client`` when ``num_cohorts`` nodes host them all: client k on
+    node k mod N. Fixed for a run, so a client's state (its own B, its DP accountant) never moves, and every node
+    hosts ⌈K/N⌉ or ⌊K/N⌋ clients."""
+    return client % num_cohorts
 
 
 @dataclass(frozen=True)

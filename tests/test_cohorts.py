@@ -1,0 +1,201 @@
+"""Cohort nodes: virtual clients hosted by a few nodes and trained there together (``clients/cohort.py``,
+``strategies/cohorts.py``) end where one node per client ends, keep their state where they live, and refuse
+nodes that do not match the run's cohorts.
+
+A tiny Llama-style decoder (no dropout, so the batched engine and the one-client-at-a-time path draw nothing
+different) on a deterministic addition task keeps these runs to seconds."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedlowrank.config import RunConfig
+from fedlowrank.report import read_metrics
+from fedlowrank.tiny_models import save_tiny_decoder, write_addition_task
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return save_tiny_decoder("llama", tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def addition(tmp_path_factory):
+    return write_addition_task(tmp_path_factory.mktemp("addition"), train=480, test=24)
+
+
+def cohort_settings(model: Path, dataset: Path, output: Path, name: str, **overrides) -> dict:
+    flat = {
+        "task": "causal-lm", "model": str(model), "dataset": str(dataset), "name": name,
+        "output-dir": str(output), "num-clients": 16, "num-rounds": 2, "seed": 3,
+        "fraction-train": 0.5, "fraction-evaluate": 0.25, "server-eval-every": 100,
+        "data.partitioner": "iid", "data.max-length": 40, "data.min-partition-size": 1,
+        "train.batch-size": 8, "train.local-steps": 2, "train.lr": 3e-3,
+        "train.max-new-tokens": 4, "train.generate-examples": 4,
+        "lora.r": 4, "lora.alpha": 8.0, "device": "cpu",
+    }  # fmt: skip
+    flat.update(overrides)
+    return flat
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_federation(ours: Path, reference: Path, private: bool) -> None:
+    """The same global adapter (to float rounding), the same losses round by round, the same ε ledger."""
+    want, got = _adapter(reference), _adapter(ours)
+    assert set(got) == set(want)
+    for key, value in want.items():
+        # AdamW's first step (g/|g|) turns float rounding in near-zero gradients into ±lr flips (test_engine.py)
+        assert (got[key] - value).norm() <= 1e-3 * value.norm() + 1e-6, key
+    rows, reference_rows = read_metrics(ours), read_metrics(reference)
+    assert [r["round"] for r in rows] == [r["round"] for r in reference_rows]
+    for row, reference_row in zip(rows, reference_rows, strict=True):
+        assert row["clients_accepted"] == reference_row["clients_accepted"]
+        assert row["train_loss"] == pytest.approx(reference_row["train_loss"], rel=1e-4)
+        assert row["bytes_up_per_client"] == reference_row["bytes_up_per_client"]  # bytes per virtual client
+        assert row["bytes_down"] == reference_row["bytes_down"]
+        if private:  # the same ledger; another process's accountant may differ in the last bits (~1e-15)
+            ledger, reference_ledger = row["dp_epsilon_per_client"], reference_row["dp_epsilon_per_client"]
+            assert ledger.keys() == reference_ledger.keys()
+            assert all(ledger[c] == pytest.approx(reference_ledger[c], rel=1e-12) for c in ledger)
+
+
+CASES = {
+    "fedit": {"strategy": "fedit"},
+    "fedsa-waves": {"strategy": "fedsa", "engine-wave-size": 3},  # each client's own B waits in its node's state
+    "ffa-dp": {"strategy": "ffa", "dp.epsilon": 8.0, "dp.max-grad-norm": 0.5},
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_cohort_nodes_run_the_federation_of_one_node_per_client(llama, addition, tmp_path, case):
+    from simulations.run import run_inprocess
+
+    runs = {}
+    for name, nodes in (("per-client", 0), ("cohorts", 2)):
+        flat = cohort_settings(llama, addition, tmp_path / "runs", name, **CASES[case], **{"cohort-nodes": nodes})
+        run_inprocess(RunConfig.from_flat(flat))
+        runs[name] = tmp_path / "runs" / name
+    assert_same_federation(runs["cohorts"], runs["per-client"], private="dp.epsilon" in CASES[case])
+    rows = read_metrics(runs["cohorts"])
+    assert all(set(row["cohort_node_seconds"]) == {"0", "1"} for row in rows)  # which node took how long
+    if "dp.epsilon" in CASES[case]:
+        assert 0 < max(rows[-1]["dp_epsilon_per_client"].values()) <= 8.0
+
+
+def _grid(config: RunConfig, nodes: int, node_config: dict | None = None):
+    from clients.client_app import make_client_app
+    from simulations.grids import InProcessGrid, adopt_server_identity
+    from strategies.cohorts import CohortGrid
+
+    adopt_server_identity()
+    inner = InProcessGrid(make_client_app(config), nodes, config.to_flat(), node_config=node_config)
+    return CohortGrid(inner, config.num_clients, config.cohort_nodes)
+
+
+def test_virtual_clients_live_on_node_k_mod_n_and_mismatched_nodes_are_refused(llama, addition, tmp_path):
+    from strategies.cohorts import CohortError
+
+    config = RunConfig.from_flat(cohort_settings(llama, addition, tmp_path, "x", **{"cohort-nodes": 3}))
+    grid = _grid(config, 3)
+    assert list(grid.get_node_ids()) == list(range(16))
+    hosts = {cohort: node for cohort, node in grid.node_of.items()}
+    assert sorted(hosts) == [0, 1, 2] and len(set(hosts.values())) == 3
+
+    with pytest.raises(CohortError, match=r"of num-cohorts=4, but the run has cohort-nodes=3"):
+        _grid(config, 4).get_node_ids()  # four nodes started for a run of three cohorts
+    with pytest.raises(CohortError, match="both host cohort 0"):
+        _grid(config, 2, {"cohort-id": 0, "num-cohorts": 3}).get_node_ids()
+    with pytest.raises(CohortError, match="names no cohort-id and num-cohorts"):
+        grid = _grid(config, 1)
+        grid.grid.contexts[grid.grid.node_ids[0]].node_config.clear()  # a node started without any
+        grid.get_node_ids()
+
+
+# ---- real processes -------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_cohort_nodes_under_flowers_simulation_engine_match_one_node_per_client(llama, addition, tmp_path):
+    """What `flwr run . --federation-config "num-supernodes=2"` starts: two nodes of Flower's simulation engine
+    (Ray), one CPU each, host 16 virtual clients (FFA under DP-SGD) and end where the in-process run with one
+    node per client ends."""
+    from flwr.simulation import run_simulation
+
+    from clients.client_app import make_client_app
+    from simulations.run import run_inprocess
+    from strategies.server_app import make_server_app
+
+    case = {**CASES["ffa-dp"], "fraction-evaluate": 0.0, "node-wait-seconds": 300}  # Ray starts slowly
+    engine = RunConfig.from_flat(cohort_settings(llama, addition, tmp_path, "engine", **case, **{"cohort-nodes": 2}))
+    run_simulation(
+        server_app=make_server_app(engine),
+        client_app=make_client_app(engine),
+        num_supernodes=2,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
+    )
+    run_inprocess(RunConfig.from_flat(cohort_settings(llama, addition, tmp_path, "per-client", **case)))
+    assert_same_federation(tmp_path / "engine", tmp_path / "per-client", private=True)
+
+
+def _wait(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(1)
+    raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+
+
+def _run_config(settings: dict) -> str:
+    """``flwr run --run-config`` text (TOML values)."""
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
+
+
+@pytest.mark.slow
+def test_cohort_supernodes_match_the_in_process_run_and_keep_state_across_a_restart(llama, addition, tmp_path):
+    """A real SuperLink and two cohort SuperNodes host 16 virtual clients (FedSA, each client's own B, under
+    DP-SGD, each client's accountant). After round 1 the run is stopped and node 1 is killed and started again
+    on its state folder; the run is resumed and ends where the in-process run with one node per client ends,
+    with the same ε ledger: the restarted node's clients carried on from their state on its disk."""
+    from localfed import LocalFederation
+
+    from simulations.run import run_inprocess
+
+    case = {"strategy": "fedsa", "dp.epsilon": 8.0, "dp.max-grad-norm": 0.5, "fraction-evaluate": 0.0}
+    runs = tmp_path / "runs"
+    settings = cohort_settings(llama, addition, runs, "deployed", **case, **{"num-rounds": 3, "cohort-nodes": 2})
+    settings["node-wait-seconds"] = 60
+    federation = LocalFederation(tmp_path / "federation", addition, secure=False)
+    try:
+        federation.start_superlink()
+        for cohort in (0, 1):
+            federation.start_supernode(cohort, 2)  # partition-id K of num-partitions 2: cohort K of 2
+        _wait(lambda: federation.online_nodes() == 2, 60, "two nodes online")
+        federation.submit(_run_config(settings))
+        metrics = runs / "deployed" / "metrics.jsonl"
+        _wait(lambda: metrics.is_file() and len(read_metrics(metrics.parent)) >= 1, 420, "round 1 finishing")
+        federation.stop_runs()  # mid-round 2 at the latest: the resumed run starts from its checkpoint
+        _wait(lambda: all(s.startswith("finished") for s in federation.statuses()), 60, "the run stopping")
+        federation.kill("supernode-1")
+        federation.start_supernode(1, 2)  # the same cohort, on the same state folder
+        federation.submit(_run_config({**settings, "resume": True}))
+        _wait(lambda: "finished:completed" in federation.statuses(), 420, "the resumed run finishing")
+    except BaseException:
+        federation.dump_logs()
+        raise
+    finally:
+        federation.stop()
+    reference = cohort_settings(llama, addition, runs, "per-client", **case, **{"num-rounds": 3})
+    run_inprocess(RunConfig.from_flat(reference))
+    assert_same_federation(runs / "deployed", runs / "per-client", private=True)
+    assert len(read_metrics(runs / "deployed")) == 3
+    for cohort in (0, 1):  # each client's accountant and own B on its node's disk: client k on node k mod 2
+        clients = {int(p.name) for p in (tmp_path / "federation" / f"state-{cohort}").iterdir()}
+        assert clients and all(client % 2 == cohort for client in clients), clients
