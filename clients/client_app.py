@@ -62,7 +62,6 @@ def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
             wave = members[start : start + size]
             replies += train_together([instruction] * len(wave), wave, bound_config)
         encoded: dict[int, RecordDict | str] = {c: wire.encode_reply(r) for c, r in zip(clients, replies, strict=True)}
-        crash_point(f"cohort-{node_cohort(context, config)}-trained-round-{instruction.server_round}")  # test hook
         return Message(wire.encode_cohort_replies(encoded, time.perf_counter() - started), reply_to=message)
 
     @app.evaluate(wire.COHORT)
