@@ -27,6 +27,7 @@ from clients.node import ClientNode
 from fedlowrank.adapters import adapter_state, lora_targets, restrict_rank, set_trainable
 from fedlowrank.config import RunConfig
 from fedlowrank.engine import PlainData, PrivateData
+from fedlowrank.factors import non_finite_keys
 from fedlowrank.galore_setup import fed_galore_client_train, fed_galore_modules
 from fedlowrank.models import pick_device
 from fedlowrank.privacy.accounting import (
@@ -75,7 +76,7 @@ class ClientDivergedError(RuntimeError):
 
 def check_converged(local: LocalResult) -> None:
     tensors = {**local.state, **local.uploads}
-    bad = sorted(key for key, value in tensors.items() if not bool(torch.isfinite(value).all()))
+    bad = non_finite_keys(tensors)
     if bad or not math.isfinite(local.result.loss):
         raise ClientDivergedError(
             f"local training diverged (loss {local.result.loss}, {len(bad)} non-finite tensor(s)): nothing is "

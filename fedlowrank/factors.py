@@ -8,6 +8,8 @@ Keys are peft's own (``...query.lora_A.weight``, ``...query.lora_B.weight``, a t
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,7 @@ class LayerFactors:
     B: torch.Tensor
 
 
+@functools.lru_cache(maxsize=65536)  # a run has tens of keys, asked about for every client's every tensor
 def key_role(key: str) -> str:
     """The side of an adapter-state key: "A", "B", "frozen" (VeRA projections) or "head" (anything else)."""
     if any(marker in key for marker in A_SIDE):
@@ -114,10 +117,22 @@ def slice_rank(state: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Ten
     out = {}
     for key, value in state.items():
         role = key_role(key)
-        if role == "A" and value.dim() == 2:
+        if role == "A" and value.dim() == 2 and rank < value.shape[0]:
             out[key] = value[:rank].contiguous()
-        elif role == "B" and value.dim() == 2:
+        elif role == "B" and value.dim() == 2 and rank < value.shape[1]:
             out[key] = value[:, :rank].contiguous()
         else:
             out[key] = value
     return out
+
+
+def non_finite_keys(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys (sorted) of the tensors that hold NaN or ±inf. All of them are checked in one pass first: a
+    reply has tens of tensors and a round hundreds of replies, and almost always every value is finite."""
+    values = [value.detach() for value in tensors.values()]
+    if not values:
+        return []
+    one_device = len({value.device for value in values}) == 1
+    if one_device and bool(torch.cat([value.reshape(-1) for value in values]).isfinite().all()):
+        return []
+    return sorted(key for key, value in tensors.items() if not bool(value.detach().isfinite().all()))

@@ -13,6 +13,7 @@ from typing import Any
 
 from fedlowrank.checkpoint import write_atomic
 from fedlowrank.config import ConfigError, RunConfig
+from fedlowrank.factors import non_finite_keys
 
 
 class RunExistsError(ConfigError):
@@ -115,7 +116,7 @@ class NonFiniteModelError(RuntimeError):
 
 
 def check_finite(tensors: dict[str, Any]) -> None:
-    bad = sorted(key for key, value in tensors.items() if not bool(value.detach().isfinite().all()))
+    bad = non_finite_keys(tensors)
     if bad:
         raise NonFiniteModelError(f"{len(bad)} tensor(s) are not finite (e.g. {bad[0]}): refusing to save them")
 

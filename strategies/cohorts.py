@@ -30,6 +30,7 @@ from flwr.supercore.run import Run
 
 from fedlowrank.protocol import MalformedMessage, cohort_of
 from fedlowrank.protocol import flower as wire
+from strategies.replies import send_and_collect
 
 log = logging.getLogger("fedlowrank")
 QUESTION_LIFETIME = 120.0  # seconds before an unanswered "which cohort?" is asked again
@@ -86,7 +87,7 @@ class CohortGrid(Grid):
             for (node, kind, clients), (content, _) in groups.items()
         ]
         started = time.perf_counter()
-        replies = list(self.grid.send_and_receive(outgoing, timeout=timeout)) if outgoing else []
+        replies = send_and_collect(self.grid, outgoing, timeout) if outgoing else []
         self.node_seconds = {}
         answered: list[Message] = []
         for reply in replies:
@@ -197,7 +198,7 @@ class CohortGrid(Grid):
 
     def _answers(self, node: int) -> bool:
         query = Message(RecordDict(), dst_node_id=node, message_type=f"query.{wire.COHORT}")
-        return any(not r.has_error() for r in self.grid.send_and_receive([query], timeout=self.query_timeout))
+        return any(not r.has_error() for r in send_and_collect(self.grid, [query], self.query_timeout))
 
 
 def _error(message: Message, reason: str) -> Message:

@@ -29,6 +29,7 @@ from fedlowrank.report import RunRecorder, check_run_dir, plot_run, read_metrics
 from fedlowrank.runtime import Workspace, get_workspace
 from strategies.cohorts import CohortGrid
 from strategies.registry import resolve_method
+from strategies.replies import send_and_collect
 from strategies.strategy import FederationError, LoRAStrategy, TrainRoundResult, build_strategy
 
 __all__ = ["FederationError", "app", "make_server_app", "run_server"]
@@ -215,7 +216,7 @@ class FederatedRun:
     def _train(self, server_round: int) -> tuple[list[Message], list[Message], TrainRoundResult]:
         messages = list(self.strategy.configure_train(server_round, self.arrays, ConfigRecord(), self.grid))
         self.reporter.round_started(server_round, len(messages))
-        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        replies = send_and_collect(self.grid, messages, self.timeout)
         return messages, replies, self.strategy.train_round(server_round, replies, sent=messages)
 
     def _no_update(self, server_round: int, result: TrainRoundResult, privacy: dict[str, Any]) -> dict[str, Any]:
@@ -235,7 +236,7 @@ class FederatedRun:
         messages = list(self.strategy.configure_evaluate(server_round, self.arrays, config, self.grid))
         metrics = {}
         if messages:
-            replies = self.grid.send_and_receive(messages, timeout=self.timeout)
+            replies = send_and_collect(self.grid, messages, self.timeout)
             metrics = self.strategy.evaluate_round(server_round, replies)
         metrics = {**metrics, **self.evaluation.server_metrics(server_round, last_round, self.strategy)}
         self.workspace.save_generated_samples(self.recorder, server_round)

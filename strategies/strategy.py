@@ -25,7 +25,14 @@ from flwr.serverapp.strategy import Strategy
 
 from fedlowrank.checkpoint import prefixed, unprefixed
 from fedlowrank.config import RunConfig
-from fedlowrank.factors import RESIDUAL_SUFFIX, LayerFactors, factor_state, key_role, lora_factors
+from fedlowrank.factors import (
+    RESIDUAL_SUFFIX,
+    LayerFactors,
+    factor_state,
+    key_role,
+    lora_factors,
+    non_finite_keys,
+)
 from fedlowrank.lowrank import pad_rank, product
 from fedlowrank.metrics import layer_bias, summarize
 from fedlowrank.protocol import (
@@ -80,6 +87,7 @@ class Sampling:
     seed: int = 0
     node_wait_seconds: float = 120.0
     min_available: int = 1
+    cohort_nodes: int = 0  # > 0: each node hosts a cohort of virtual clients (the grid lists the clients)
 
     @classmethod
     def from_config(cls, config: RunConfig) -> Sampling:
@@ -90,6 +98,7 @@ class Sampling:
             config.seed,
             config.node_wait_seconds,
             config.server.min_available,
+            config.cohort_nodes,
         )
 
     def sample(self, grid: Grid, server_round: int, phase: str) -> list[int]:
@@ -114,11 +123,23 @@ class Sampling:
                 log.warning("%d of %d nodes connected: going on with them", len(nodes), self.num_clients)
             return nodes
         raise FederationError(
-            f"only {len(nodes)} node(s) connected after {self.node_wait_seconds:.0f} s, but the run needs "
-            f"server.min-available={self.min_available} (of num-clients={self.num_clients}). With `flwr run .` "
-            f'pass --federation-config "num-supernodes={self.num_clients}"; in a deployment start one SuperNode per '
-            'partition (--node-config "partition-id=K num-partitions=N"). Finished rounds are saved: continue with '
-            "--resume."
+            f"only {len(nodes)} {'client' if self.cohort_nodes else 'node'}(s) connected after "
+            f"{self.node_wait_seconds:.0f} s, but the run needs server.min-available={self.min_available} "
+            f"(of num-clients={self.num_clients}). {self._how_to_start_nodes()} Finished rounds are saved: "
+            "continue with --resume."
+        )
+
+    def _how_to_start_nodes(self) -> str:
+        if self.cohort_nodes:
+            return (
+                f"Each of the run's cohort-nodes={self.cohort_nodes} nodes hosts its clients k with k mod "
+                f"{self.cohort_nodes} = K: with `flwr run .` pass --federation-config "
+                f'"num-supernodes={self.cohort_nodes}"; in a deployment start one SuperNode per cohort '
+                f'(--node-config "cohort-id=K num-cohorts={self.cohort_nodes}"), K = 0..{self.cohort_nodes - 1}.'
+            )
+        return (
+            f'With `flwr run .` pass --federation-config "num-supernodes={self.num_clients}"; in a deployment '
+            'start one SuperNode per partition (--node-config "partition-id=K num-partitions=N").'
         )
 
 
@@ -389,7 +410,7 @@ class LoRAStrategy(Strategy):
         for layer, fold in update.fold.items():
             folded[layer] = folded.get(layer, 0) + fold.to(torch.float64)
         produced = {**state, **{f"folded:{k}": v for k, v in folded.items()}, **(update.state or {})}
-        not_finite = sorted(key for key, value in produced.items() if not bool(torch.isfinite(value).all()))
+        not_finite = non_finite_keys(produced)
         if not_finite:
             raise AggregateError(f"the aggregate is not finite ({len(not_finite)} tensors, e.g. {not_finite[0]})")
         self.global_state, self.folded = state, folded

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlowrank.factors import client_rank, key_role, select_roles
+from fedlowrank.factors import client_rank, key_role, non_finite_keys, select_roles
 from fedlowrank.protocol import MethodSpec, TrainReply, a_checksum
 
 WIRE_DTYPE = torch.float32  # adapters travel in fp32 (fedlowrank.protocol.flower)
@@ -37,6 +37,8 @@ class ReplyValidator:
 
     def __init__(self, rules: ReplyRules) -> None:
         self.rules = rules
+        # a round's replies are checked against one global state: their expected shapes per rank, made once
+        self._shapes_for: tuple[dict | None, dict[int, dict[str, tuple[int, ...]]]] = (None, {})
 
     def reason(self, reply: TrainReply, global_state: dict[str, torch.Tensor]) -> str | None:
         for check in (self._counts, self._tensors, self._values, self._update_norm, self._shared_a):
@@ -47,11 +49,17 @@ class ReplyValidator:
 
     def expected_shapes(self, reply: TrainReply, global_state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
         rules = self.rules
-        uploaded = select_roles(global_state, *rules.spec.uploaded_roles(rules.train_head))
         rank = client_rank(list(rules.client_ranks), reply.partition_id, 0)
-        shapes = {key: _sliced(key, tuple(value.shape), rank) for key, value in uploaded.items()}
-        shapes.update(dict(rules.extra_uploads))
-        return shapes
+        checked_against, by_rank = self._shapes_for
+        if checked_against is not global_state:
+            by_rank = {}
+            self._shapes_for = (global_state, by_rank)
+        if rank not in by_rank:
+            uploaded = select_roles(global_state, *rules.spec.uploaded_roles(rules.train_head))
+            shapes = {key: _sliced(key, tuple(value.shape), rank) for key, value in uploaded.items()}
+            shapes.update(dict(rules.extra_uploads))
+            by_rank[rank] = shapes
+        return by_rank[rank]
 
     def _counts(self, reply: TrainReply, global_state: dict[str, torch.Tensor]) -> str | None:
         if not 0 <= reply.partition_id < self.rules.num_clients:
@@ -76,7 +84,7 @@ class ReplyValidator:
         return None
 
     def _values(self, reply: TrainReply, global_state: dict[str, torch.Tensor]) -> str | None:
-        bad = sorted(key for key, value in reply.state.items() if not bool(torch.isfinite(value).all()))
+        bad = non_finite_keys(reply.state)
         return f"{len(bad)} tensor(s) hold NaN or infinite values (e.g. {bad[0]})" if bad else None
 
     def _update_norm(self, reply: TrainReply, global_state: dict[str, torch.Tensor]) -> str | None:

@@ -172,3 +172,28 @@ def test_client_splits_are_made_on_first_use_and_do_not_depend_on_the_order_aske
     assert first[-1] is late and len(first) == 500 and len(first[:3]) == 3
     with pytest.raises(IndexError):
         first[500]
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "shards"])
+def test_a_clients_share_is_cut_out_on_first_use_and_is_the_partitioners(trec, partitioner, monkeypatch):
+    """Who gets what is drawn once for every client, but a share is selected only when its client is first used
+    (10,000 registered clients cost one assignment, not 10,000 selections); the shares are flwr-datasets' own.
+    Partitioners that may leave a client empty (shards) still cut every share up front to check."""
+    from fedlowrank.data import make_partitioner
+
+    settings = DataSettings(partitioner=partitioner, validation_fraction=0.0, min_partition_size=1)
+    indexed = trec.train.add_column("row", list(range(len(trec.train))))
+    reference = make_partitioner(settings, 400, 5)
+    reference.dataset = indexed
+    expected = {k: list(reference.load_partition(k)["row"]) for k in (399, 7, 123)}
+
+    cut = []
+    original = type(reference).load_partition
+    monkeypatch.setattr(type(reference), "load_partition", lambda self, k: cut.append(k) or original(self, k))
+    splits = partition(indexed, settings, num_clients=400, seed=5)
+    assert len(splits) == 400
+    assert sorted(set(cut)) == ([0] if partitioner != "shards" else list(range(400)))
+    for k, rows in expected.items():
+        assert list(splits[k].train["row"]) == rows
+    if partitioner != "shards":
+        assert sorted(set(cut)) == [0, 7, 123, 399]

@@ -162,3 +162,12 @@ def test_too_few_valid_replies_keep_the_previous_model():
     assert "min-valid-replies=2" in result.kept_previous and result.arrays is not None
     assert all(torch.equal(strategy.global_state[k], initial[k]) for k in initial)  # nothing moved
     assert np.isfinite(result.record()["clients_rejected"])
+
+
+def test_non_finite_keys_names_every_bad_tensor_whatever_the_dtypes():
+    from fedlowrank.factors import non_finite_keys
+
+    finite = {"a": torch.ones(2, 3), "b": torch.zeros(4, dtype=torch.float64), "n": torch.arange(3)}
+    assert non_finite_keys(finite) == [] and non_finite_keys({}) == []
+    bad = {**finite, "c": torch.tensor([1.0, float("nan")]), "d": torch.tensor([float("-inf")], dtype=torch.float64)}
+    assert non_finite_keys(bad) == ["c", "d"]

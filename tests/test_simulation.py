@@ -115,6 +115,21 @@ def test_server_stops_clearly_when_too_few_nodes_connect(tiny_config):
         run_server(grid, config)
 
 
+def test_too_few_clients_of_cohort_nodes_are_explained_per_cohort(tiny_config):
+    """With cohort nodes the grid lists virtual clients: the advice is one SuperNode per cohort, not per partition."""
+    from clients.client_app import make_client_app
+    from simulations.grids import InProcessGrid
+    from strategies.server_app import FederationError
+    from strategies.strategy import Sampling
+
+    config = tiny_config(**{"num-clients": 4, "cohort-nodes": 2, "node-wait-seconds": 0.2, "server.min-available": 3})
+    grid = InProcessGrid(make_client_app(config), num_nodes=2, run_config=config.to_flat())
+    sampling = Sampling.from_config(config)
+    advice = r"only 2 client\(s\).*num-supernodes=2.*cohort-id=K num-cohorts=2.*K = 0\.\.1"
+    with pytest.raises(FederationError, match=advice):
+        sampling.wait_for_nodes(grid, poll_seconds=0.05)
+
+
 def test_the_server_goes_on_with_the_nodes_it_has(tiny_config):
     """After node-wait-seconds a round goes on with the connected nodes (at least server.min-available)."""
     from clients.client_app import make_client_app
@@ -158,3 +173,64 @@ def test_registered_nodes_get_a_context_only_when_first_addressed():
     assert "visits" in context.state and grid.contexts[nodes[7]] is context
     with pytest.raises(ValueError, match="unknown destination"):
         grid.push_messages([grid.create_message(RecordDict(), "train", 12345, "1")])
+
+
+def test_a_workspace_cuts_each_clients_examples_from_the_training_set_tokenized_once(tiny_config):
+    """Cut by row from the training set tokenized once, a client's examples are exactly its own split tokenized
+    on its own; the loaded workspace is exempt from the garbage collector, and a replaced one is collected."""
+    import gc
+    import weakref
+
+    from fedlowrank.data import tokenize
+    from fedlowrank.runtime import get_workspace
+
+    config = tiny_config()
+    workspace = get_workspace(config)
+    assert gc.get_freeze_count() > 0
+    for pid in range(config.num_clients):
+        split = workspace.client_split(pid)
+        for name, rows in (("train", split.train), ("validation", split.validation)):
+            alone = tokenize(rows, workspace.tokenizer, "text", "label", config.data.max_length)
+            cut = workspace._tokenized_split(name, pid, rows)
+            assert len(cut) == len(rows) and cut.to_dict() == alone.to_dict()
+    old_model = weakref.ref(workspace.model)
+    del workspace, split, rows, alone, cut
+    get_workspace(tiny_config(**{"lora.r": 2}))  # another adapter: a new workspace replaces the old one
+    gc.collect()
+    assert old_model() is None
+
+
+def test_replies_are_collected_as_they_arrive_and_a_timeout_returns_what_came(tiny_config):
+    """``send_and_collect`` polls until every message has its reply, however few a poll brings; with a
+    timeout it returns what has come by then."""
+    import time
+
+    from flwr.app import Message, RecordDict
+
+    from clients.client_app import make_client_app
+    from simulations.grids import InProcessGrid, adopt_server_identity
+    from strategies.replies import send_and_collect
+
+    class Trickling(InProcessGrid):  # one reply per poll
+        polls = 0
+
+        def pull_messages(self, message_ids):
+            self.polls += 1
+            return super().pull_messages([m for m in message_ids if m in self._pending][:1])
+
+    class Silent(InProcessGrid):  # a node that never answers
+        def pull_messages(self, message_ids):
+            return []
+
+    config = tiny_config()
+    adopt_server_identity()
+    for kind in (Trickling, Silent):
+        grid = kind(make_client_app(config), num_nodes=3, run_config=config.to_flat())
+        messages = [Message(RecordDict(), dst_node_id=n, message_type="query.cohort") for n in grid.node_ids]
+        started = time.monotonic()
+        replies = send_and_collect(grid, messages, timeout=None if kind is Trickling else 0.3)
+        if kind is Trickling:
+            assert len(replies) == 3 and grid.polls == 3
+            assert sorted(r.metadata.src_node_id for r in replies) == sorted(grid.node_ids)
+        else:
+            assert replies == [] and 0.3 <= time.monotonic() - started < 5
