@@ -517,18 +517,16 @@ def partition(train: Dataset, settings: DataSettings, num_clients: int, seed: in
         raise DataError(f"could not partition {len(train)} examples over {num_clients} clients: {exc}") from exc
     shares = {0: first}
 
-    def load_share(k: int) -> Dataset:
+    def share(k: int) -> Dataset:
         if k not in shares:
             shares[k] = partitioner.load_partition(k)
-        return shares.pop(k)  # its split keeps it
+        return shares[k]
+
+    def load_share(k: int) -> Dataset:  # the client's split keeps its share from now on
+        return shares.pop(k) if k in shares else partitioner.load_partition(k)
 
     if not _never_empty(settings):
-        empty = []
-        for k in range(num_clients):
-            if k not in shares:
-                shares[k] = partitioner.load_partition(k)
-            if len(shares[k]) == 0:
-                empty.append(k)
+        empty = [k for k in range(num_clients) if len(share(k)) == 0]
         if empty:
             raise DataError(
                 f"client(s) {empty[:10]} would get no data with partitioner {settings.partitioner!r}; "
