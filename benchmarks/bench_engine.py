@@ -2,7 +2,8 @@
 sequential loop vs centralized training (the physical limit), all on the same app, data and model.
 
 K clients each take E local steps of batch b (``--sizes equal``: every client holds E·b real TREC questions)
-or one local epoch over a Dirichlet(0.5) share of K·E·b questions (``--sizes uneven``). Modes, each in its own
+or one local epoch over a quantity-skewed share of K·E·b questions (``--sizes uneven``: client sizes from
+Dirichlet(0.5), at least one question each; ``data.partitioner = "quantity-skew"``). Modes, each in its own
 process so that nothing is shared between them:
 - ``flower``      — the fedlowrank ServerApp and ClientApp under Flower's Ray simulation (``run_simulation``),
                     one CPU per client (``--flower-gpus`` per client on a GPU);
@@ -112,7 +113,7 @@ def run_config(args: argparse.Namespace, mode: str, clients: int, sizes: str, ou
         "engine": "batched" if mode == "batched" else "sequential",
         "cohort-nodes": args.nodes if mode == "cohorts" else 0,
         "engine-max-tokens": args.max_tokens,
-        "data.partitioner": "iid" if sizes == "equal" else "dirichlet",
+        "data.partitioner": "iid" if sizes == "equal" else "quantity-skew",
         "data.dirichlet-alpha": 0.5,
         "data.validation-fraction": 0.0,
         "data.min-partition-size": 1,

@@ -17,7 +17,6 @@ from flwr.clientapp import ClientApp
 from clients.cohort import member_contexts, node_cohort
 from clients.node import ClientNode, resolve_config
 from clients.trainers import LocalResult, PreparedRound, engine_max_tokens, train_one, trainer_for
-from fedlowrank.adapters import adapter_state
 from fedlowrank.checkpoint import crash_point
 from fedlowrank.config import RunConfig
 from fedlowrank.protocol import EvaluateReply, Refusal, TrainInstruction, TrainReply
@@ -139,8 +138,8 @@ def train_together(
             started = time.perf_counter()
             replies[index] = trainer.finish(outcome, trainer.run(outcome), time.perf_counter() - started)
             continue
-        # the start state, on the CPU until its wave is stacked on the device
-        jobs[index] = ClientJob(adapter_state(outcome.node.model), data, outcome.seed)
+        # the start state, on the CPU until its wave is stacked on the device (shared by clients that start alike)
+        jobs[index] = ClientJob(outcome.node.workspace.adapter_snapshot(), data, outcome.seed)
         prepared[index] = outcome
     if jobs:
         first = next(iter(prepared.values()))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -233,17 +234,35 @@ def _state_tensors(model: PeftModel) -> dict[str, torch.Tensor] | None:
     return {key: getattr(module, attribute) for key, (module, attribute) in places.items()}
 
 
+def write_marks(model: PeftModel, frozen_layers: Iterable[str] = ()) -> tuple[tuple[int, int], ...] | None:
+    """Identity and in-place write counter of every adapter tensor and of the named layers' frozen weights:
+    equal marks at two moments mean none of them was replaced or written in between (every in-place write,
+    optimizers' and ``copy_`` included, bumps a tensor's counter). None when the adapter's tensors are not
+    known (peft's own state-dict calls are in use)."""
+    live = _state_tensors(model)
+    if live is None:
+        return None
+    tensors = [*live.values(), *(_lora_layer(model, layer).base_layer.weight for layer in frozen_layers)]
+    return tuple((id(t), t._version) for t in tensors)
+
+
 # ---- the frozen weight: residuals folded in by FedEx-LoRA and FLoRA ---------------------------------
 def lora_scale(settings: LoraSettings) -> float:
     """s = α/r, or α/√r with rsLoRA."""
     return settings.scale
 
 
+_LAYER_MODULES = "_fedlowrank_lora_layers"
+
+
 def _lora_layer(model: PeftModel, layer: str) -> torch.nn.Module:
-    module = model.get_submodule(layer)
-    if not hasattr(module, "base_layer"):
-        raise KeyError(f"{layer} is not a LoRA layer")
-    return module
+    found = model.__dict__.setdefault(_LAYER_MODULES, {})  # get_submodule walks the path: ~60 µs a call
+    if layer not in found:
+        module = model.get_submodule(layer)
+        if not hasattr(module, "base_layer"):
+            raise KeyError(f"{layer} is not a LoRA layer")
+        found[layer] = module
+    return found[layer]
 
 
 def base_weights(model: PeftModel) -> dict[str, torch.Tensor]:

@@ -81,7 +81,7 @@ def settings_help(cls: type) -> dict[str, str]:
 
 OPTIMIZERS = ("adamw", "sgd", "galore")
 TASKS = ("seq-cls", "image-cls", "causal-lm")
-PARTITIONERS = ("iid", "dirichlet", "shards", "label-proportion", "by-column")
+PARTITIONERS = ("iid", "dirichlet", "shards", "label-proportion", "by-column", "quantity-skew")
 
 
 @dataclass
@@ -119,7 +119,9 @@ class DataSettings:
         "dirichlet", "how the training set is split (label-proportion: fixed class proportions)", choices=PARTITIONERS
     )
     partition_column: str = setting("", "by-column: the column whose values are the clients (feature non-IID)")
-    dirichlet_alpha: float = setting(0.5, "Dirichlet α of the label skew (smaller: more skewed)", above=0)
+    dirichlet_alpha: float = setting(
+        0.5, "Dirichlet α of the label skew, or of the sizes with quantity-skew (smaller: more skewed)", above=0
+    )
     shards_per_client: int = setting(2, "shards: label-sorted shards per client", minimum=1)
     label_proportions: list[list[float]] = setting(
         [], "label-proportion: class proportions per client, e.g. [[0.1, 0.9], [0.9, 0.1]]; empty: 0.9 on one class"

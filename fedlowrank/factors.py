@@ -12,6 +12,7 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 LORA_A = "lora_A"
@@ -48,6 +49,7 @@ def select_roles(state: dict[str, torch.Tensor], *roles: str) -> dict[str, torch
     return {k: v for k, v in state.items() if key_role(k) in roles and not k.endswith(RESIDUAL_SUFFIX)}
 
 
+@functools.lru_cache(maxsize=65536)
 def layer_name(key: str) -> str | None:
     """``...query.lora_A.weight`` -> ``...query``; None for keys that are not LoRA factors."""
     for marker in (f".{LORA_A}.", f".{LORA_B}."):
@@ -126,13 +128,21 @@ def slice_rank(state: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Ten
     return out
 
 
+_NUMPY_FLOATS = (torch.float32, torch.float64)
+
+
 def non_finite_keys(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """The keys (sorted) of the tensors that hold NaN or ±inf. All of them are checked in one pass first: a
     reply has tens of tensors and a round hundreds of replies, and almost always every value is finite."""
     values = [value.detach() for value in tensors.values()]
     if not values:
         return []
-    one_device = len({value.device for value in values}) == 1
-    if one_device and bool(torch.cat([value.reshape(-1) for value in values]).isfinite().all()):
+    if all(value.device.type == "cpu" and value.dtype in _NUMPY_FLOATS for value in values):
+        # numpy's calls cost a fraction of torch's on small CPU tensors (≈25 vs ≈50 µs a reply)
+        finite = np.isfinite(np.concatenate([value.numpy().reshape(-1) for value in values])).all()
+    else:
+        one_device = len({value.device for value in values}) == 1
+        finite = one_device and torch.cat([value.reshape(-1) for value in values]).isfinite().all()
+    if bool(finite):
         return []
     return sorted(key for key, value in tensors.items() if not bool(value.detach().isfinite().all()))

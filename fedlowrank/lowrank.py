@@ -35,9 +35,14 @@ def stacked_factors(
     products: list[tuple[torch.Tensor, torch.Tensor]], weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """([B_1 … B_K], [w_1 A_1; …; w_K A_K]) in float64: their product is Σ_k w_k B_k A_k exactly."""
-    stacked_b = torch.cat([b.to(torch.float64) for b, _ in products], dim=1)
-    stacked_a = torch.cat([float(w) * a.to(torch.float64) for w, (_, a) in zip(weights, products, strict=True)], dim=0)
-    return stacked_b, stacked_a
+    if len(products) != len(weights):
+        raise ValueError(f"{len(products)} factor pairs but {len(weights)} weights")
+    stacked_b = torch.cat([b for b, _ in products], dim=1).to(torch.float64)
+    stacked_a = torch.cat([a for _, a in products], dim=0).to(torch.float64)
+    # each client's rows of A scaled by its weight, in one product (hundreds of clients a round)
+    ranks = torch.tensor([a.shape[0] for _, a in products])
+    row_weights = torch.as_tensor(weights, dtype=torch.float64).repeat_interleave(ranks)
+    return stacked_b, stacked_a * row_weights.unsqueeze(1)
 
 
 def ideal_product(clients: Sequence[Any], weights: torch.Tensor) -> torch.Tensor:
@@ -94,6 +99,6 @@ def client_weights(num_examples: Sequence[int | float], weighting: str = "num-ex
 
 def weighted_average(tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """sum_k w_k T_k, accumulated in float64 and returned in the inputs' dtype."""
-    stacked = torch.stack([t.to(torch.float64) for t in tensors])
+    stacked = torch.stack(list(tensors)).to(torch.float64)  # one conversion for all (hundreds of clients)
     shape = (-1,) + (1,) * (stacked.dim() - 1)
     return (weights.to(torch.float64).view(shape) * stacked).sum(dim=0).to(tensors[0].dtype)

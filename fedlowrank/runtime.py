@@ -28,16 +28,19 @@ from fedlowrank.adapters import (
     resolve_targets,
     set_base_residuals,
     split_residuals,
+    write_marks,
 )
 from fedlowrank.config import ConfigError, RunConfig
 from fedlowrank.data import (
     ClientPartitions,
     ClientSplit,
     DataError,
+    PaddedRows,
     TaskData,
     load_task,
     make_collator,
     make_loader,
+    padding_is_right,
     partition,
     prepare_images,
     tokenize,
@@ -78,15 +81,40 @@ class Workspace:
     # The frozen weights under the LoRA layers, to restore before applying a folded residual.
     base_weights: dict[str, torch.Tensor]
     _tokenized: dict[tuple[str, int], Dataset] = field(default_factory=dict)
+    _padded: dict[tuple[str, int], PaddedRows | None] = field(default_factory=dict)
+    _loaded: tuple[dict[str, torch.Tensor], tuple[tuple[int, int], ...]] | None = None  # see load_global
+    _snapshot: tuple[tuple[tuple[int, int], ...], dict[str, torch.Tensor]] | None = None  # see adapter_snapshot
     # causal-lm: the last exact-match evaluation's first few (prompt, generated, reference) triples
     generated_samples: list[dict[str, str]] = field(default_factory=list)
 
     def load_global(self, state: dict[str, torch.Tensor]) -> None:
-        """Set the model to the initial adapter overwritten by ``state`` (adapter keys and residuals)."""
+        """Set the model to the initial adapter overwritten by ``state`` (adapter keys and residuals).
+
+        Nothing is written when the model still holds exactly this ``state``: the same object was loaded last
+        and no tensor it wrote has been written since (their in-place write counters are unchanged), as when
+        a round's clients are prepared one after another for the batched engine (two full adapter copies per
+        client otherwise)."""
+        if self._loaded is not None and self._loaded[0] is state and self._loaded[1] == self._write_marks():
+            return
         adapter, residuals = split_residuals(state)
         load_adapter_state(self.model, self.initial_state)
         load_adapter_state(self.model, adapter, strict=False)
         set_base_residuals(self.model, self.base_weights, residuals)
+        marks = self._write_marks()
+        self._loaded = (state, marks) if marks is not None else None  # holding ``state`` keeps its id unique
+
+    def _write_marks(self) -> tuple[tuple[int, int], ...] | None:
+        return write_marks(self.model, self.base_weights)
+
+    def adapter_snapshot(self) -> dict[str, torch.Tensor]:
+        """``adapter_state`` of the model, one copy shared for as long as the adapter is unchanged (write marks):
+        a round's clients that start from the same broadcast share it. Read-only: copy before writing."""
+        marks = self._write_marks()
+        if marks is None:  # writes cannot be told apart: a fresh copy every time
+            return adapter_state(self.model)
+        if self._snapshot is None or self._snapshot[0] != marks:
+            self._snapshot = (marks, adapter_state(self.model))
+        return self._snapshot[1]
 
     @cached_property
     def client_splits(self) -> ClientPartitions:
@@ -125,11 +153,19 @@ class Workspace:
         return self._tokenized[key]
 
     def client_train_loader(self, partition_id: int, seed: int) -> DataLoader:
-        data = self._tokenized_split("train", partition_id, self.client_split(partition_id).train)
-        return self._loader(data, self.config.train.batch_size, shuffle=True, seed=seed)
+        split = ("train", partition_id)
+        self._tokenized_split(*split, self.client_split(partition_id).train)
+        return self._loader(split, self.config.train.batch_size, shuffle=True, seed=seed)
 
-    def _loader(self, data: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-        return make_loader(data, self.tokenizer, batch_size, shuffle, seed, token_labels=self.task.is_instruction)
+    def _loader(self, split: tuple[str, int], batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+        """A loader of a prepared split; text splits are collated once and kept (``PaddedRows``)."""
+        data = self._tokenized[split]
+        if split not in self._padded:
+            right = padding_is_right(self.tokenizer, self.task.is_instruction)
+            self._padded[split] = PaddedRows.build(data, self.collator) if right else None
+        return make_loader(
+            data, self.tokenizer, batch_size, shuffle, seed, self.task.is_instruction, rows=self._padded[split]
+        )
 
     def client_train_dataset(self, partition_id: int) -> Dataset:
         """This client's model-ready training examples (DP-SGD draws its own Poisson batches from them)."""
@@ -144,17 +180,18 @@ class Workspace:
         return make_collator(self.tokenizer, token_labels=self.task.is_instruction)
 
     def client_validation_loader(self, partition_id: int) -> DataLoader:
-        data = self._tokenized_split("validation", partition_id, self.client_split(partition_id).validation)
-        return self._loader(data, self.config.train.eval_batch_size, shuffle=False)
+        split = ("validation", partition_id)
+        self._tokenized_split(*split, self.client_split(partition_id).validation)
+        return self._loader(split, self.config.train.eval_batch_size, shuffle=False)
 
     def train_loader(self, seed: int) -> DataLoader:
         """The whole training set (centralized training)."""
-        data = self._tokenized_split("train-all", 0, self.task.train)
-        return self._loader(data, self.config.train.batch_size, shuffle=True, seed=seed)
+        self._tokenized_split("train-all", 0, self.task.train)
+        return self._loader(("train-all", 0), self.config.train.batch_size, shuffle=True, seed=seed)
 
     def test_loader(self) -> DataLoader:
-        data = self._tokenized_split("test", 0, self.task.test)
-        return self._loader(data, self.config.train.eval_batch_size, shuffle=False)
+        self._tokenized_split("test", 0, self.task.test)
+        return self._loader(("test", 0), self.config.train.eval_batch_size, shuffle=False)
 
     def generation_due(self, server_round: int, last_round: bool) -> bool:
         """causal-lm: whether this round's evaluation generates answers (exact match)."""

@@ -369,6 +369,20 @@ def test_per_example_clipping_bounds_each_examples_summed_token_loss_gradient(lm
     assert min(float(s.norm()) for s in singles) > clip  # clipping binds: the bound is what is tested
 
 
+def test_instruction_rows_collated_once_are_the_collators_batches(lm_workspace):
+    """Instruction data (token labels, -100 padding) through ``PaddedRows``: the very batches of the collator."""
+    from fedlowrank.data import PaddedRows, make_loader
+
+    ws = lm_workspace
+    dataset = ws.client_train_dataset(0)
+    rows = PaddedRows.build(dataset, ws.collator)
+    assert rows is not None
+    plain = make_loader(dataset, ws.tokenizer, 4, shuffle=True, seed=2, token_labels=True)
+    gathered = make_loader(dataset, ws.tokenizer, 4, shuffle=True, seed=2, token_labels=True, rows=rows)
+    for want, got in zip(plain, gathered, strict=True):
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
 @pytest.mark.parametrize("private", [False, True])
 def test_batched_engine_matches_each_client_training_alone(lm_workspace, private):
     from test_engine import _sequential, _start_states

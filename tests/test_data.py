@@ -97,6 +97,52 @@ def test_dynamic_padding_pads_each_batch_to_its_longest_example(trec):
     assert len(set(widths)) > 1
 
 
+def test_a_split_collated_once_gives_the_collators_batches_in_the_loaders_order(trec):
+    """``PaddedRows``: gathered and trimmed rows are exactly the batches the padding collator builds, in the
+    order the plain loader draws them (same seed), for shuffled training and sequential evaluation alike."""
+    import torch
+
+    from fedlowrank.data import PaddedRows, make_collator
+    from fedlowrank.models import load_tokenizer
+
+    tokenizer = load_tokenizer("minilm")
+    data = tokenize(trec.train.select(range(53)), tokenizer, "text", "label", max_length=64)
+    rows = PaddedRows.build(data, make_collator(tokenizer))
+    assert rows is not None and len(rows) == 53
+    for batch_size, shuffle in ((8, True), (5, False)):
+        plain = make_loader(data, tokenizer, batch_size, shuffle, seed=7)
+        gathered = make_loader(data, tokenizer, batch_size, shuffle, seed=7, rows=rows)
+        pairs = list(zip(plain, gathered, strict=True))
+        for want, got in pairs:
+            assert want.keys() == got.keys()
+            for key in want:
+                assert want[key].dtype == got[key].dtype and torch.equal(want[key], got[key]), key
+        assert len({want["input_ids"].shape[1] for want, _ in pairs}) > 1  # trimmed per batch, not padded to 64
+    assert PaddedRows.build(data.select([]), make_collator(tokenizer)) is None
+
+
+def test_quantity_skew_gives_hundreds_of_clients_uneven_sizes_every_one_some_data(trec):
+    """512 clients over 4,096 questions: the label-skew Dirichlet gives up (some client stays empty), quantity
+    skew gives every client at least its minimum, sizes spread by α, labels IID, and every example used once."""
+    rows = trec.train.select(range(4096)).add_column("row", list(range(4096)))
+    skewed = DataSettings(partitioner="dirichlet", dirichlet_alpha=0.5, min_partition_size=1, validation_fraction=0.0)
+    with pytest.raises(DataError, match="could not partition 4096 examples over 512 clients"):
+        partition(rows, skewed, num_clients=512, seed=0)
+    settings = DataSettings(
+        partitioner="quantity-skew", dirichlet_alpha=0.5, min_partition_size=2, validation_fraction=0.0
+    )
+    splits = partition(rows, settings, num_clients=512, seed=0)
+    sizes = np.array([len(splits[k].train) for k in range(512)])
+    assert sizes.sum() == 4096 and sizes.min() >= 2 and sizes.max() >= 8 * np.median(sizes)
+    used = sorted(r for k in range(512) for r in splits[k].train["row"])
+    assert used == list(range(4096))
+    assert _skew(trec, [splits[k] for k in np.argsort(-sizes)[:20]]) < 0.15  # the largest clients look IID
+    again = partition(rows, settings, num_clients=512, seed=0)
+    assert [len(again[k].train) for k in range(512)] == list(sizes)
+    with pytest.raises(DataError, match="cannot cover 512 clients"):
+        partition(rows.select(range(1000)), settings, num_clients=512, seed=0)
+
+
 # ---- bad input ---------------------------------------------------------------------------------
 def test_unknown_dataset_says_how_to_point_at_local_files(data_dir):
     with pytest.raises(DataError, match="--data-dir") as info:
@@ -174,7 +220,7 @@ def test_client_splits_are_made_on_first_use_and_do_not_depend_on_the_order_aske
         first[500]
 
 
-@pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "shards"])
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "shards", "quantity-skew"])
 def test_a_clients_share_is_cut_out_on_first_use_and_is_the_partitioners(trec, partitioner, monkeypatch):
     """Who gets what is drawn once for every client, but a share is selected only when its client is first used
     (10,000 registered clients cost one assignment, not 10,000 selections); the shares are flwr-datasets' own.
@@ -183,7 +229,7 @@ def test_a_clients_share_is_cut_out_on_first_use_and_is_the_partitioners(trec, p
 
     settings = DataSettings(partitioner=partitioner, validation_fraction=0.0, min_partition_size=1)
     indexed = trec.train.add_column("row", list(range(len(trec.train))))
-    reference = make_partitioner(settings, 400, 5)
+    reference = make_partitioner(settings, 400, 5, len(indexed))
     reference.dataset = indexed
     expected = {k: list(reference.load_partition(k)["row"]) for k in (399, 7, 123)}
 

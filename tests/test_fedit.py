@@ -113,7 +113,9 @@ def test_record_round_trip_reads_what_flower_reads():
     for key, array in record.items():
         want = torch.from_numpy(array.numpy().copy())
         assert back[key].dtype == want.dtype and back[key].shape == want.shape and torch.equal(back[key], want), key
-    for key in state:  # byte for byte what Flower's own Array(ndarray) writes
-        assert record[key].data == Array(state[key].numpy()).data, key
+    for key in state:  # byte for byte what Flower's own Array(ndarray) writes: same fields, same content id
+        reference = Array(state[key].numpy())
+        assert record[key].data == reference.data and record[key] == reference, key
+        assert record[key].object_id == reference.object_id and record[key].is_dirty == reference.is_dirty, key
     back["a"].add_(1.0)  # writable, and a copy: the record is unchanged
     assert torch.equal(record_to_state(record)["a"], state["a"])

@@ -200,6 +200,34 @@ def test_a_workspace_cuts_each_clients_examples_from_the_training_set_tokenized_
     assert old_model() is None
 
 
+def test_loading_the_same_broadcast_again_writes_nothing_until_the_adapter_is_written(tiny_config):
+    """``load_global`` skips a state the model already holds (same object, no write since); any in-place write
+    (a training step here) makes the next load restore it. ``adapter_snapshot`` is shared until a write."""
+    import torch
+
+    from fedlowrank.adapters import adapter_state
+    from fedlowrank.runtime import get_workspace
+
+    workspace = get_workspace(tiny_config())
+    broadcast = {k: v + 0.5 for k, v in workspace.initial_state.items()}
+    workspace.load_global(broadcast)
+    first = workspace.adapter_snapshot()
+    assert all(torch.equal(first[k], broadcast[k]) for k in broadcast)
+    live = [p for p in workspace.model.parameters() if p.requires_grad]
+    versions = [p._version for p in live]
+    workspace.load_global(broadcast)
+    assert [p._version for p in live] == versions  # nothing written
+    assert workspace.adapter_snapshot() is first
+    with torch.no_grad():
+        live[0].add_(1.0)  # what an optimizer step does
+    assert workspace.adapter_snapshot() is not first
+    workspace.load_global(broadcast)
+    assert all(torch.equal(adapter_state(workspace.model)[k], broadcast[k]) for k in broadcast)
+    workspace.load_global({k: v.clone() for k, v in broadcast.items()})  # another object: loaded again
+    assert [p._version for p in live] != versions
+    workspace.load_global(workspace.initial_state)
+
+
 def test_replies_are_collected_as_they_arrive_and_a_timeout_returns_what_came(tiny_config):
     """``send_and_collect`` polls until every message has its reply, however few a poll brings; with a
     timeout it returns what has come by then."""
