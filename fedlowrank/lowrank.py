@@ -47,8 +47,6 @@ def stacked_factors(
 
 def ideal_product(clients: Sequence[Any], weights: torch.Tensor) -> torch.Tensor:
     """M* = Σ_k p_k B_k A_k of clients' ``LayerFactors`` (ranks may differ), float64, through the stack."""
-    if len(clients) != len(weights):
-        raise ValueError(f"{len(clients)} clients but {len(weights)} weights")
     stacked_b, stacked_a = stacked_factors([(c.B, c.A) for c in clients], weights)
     return stacked_b @ stacked_a
 

@@ -153,13 +153,14 @@ class Workspace:
         return self._tokenized[key]
 
     def client_train_loader(self, partition_id: int, seed: int) -> DataLoader:
-        split = ("train", partition_id)
-        self._tokenized_split(*split, self.client_split(partition_id).train)
-        return self._loader(split, self.config.train.batch_size, shuffle=True, seed=seed)
+        source = self.client_split(partition_id).train
+        return self._loader(("train", partition_id), source, self.config.train.batch_size, shuffle=True, seed=seed)
 
-    def _loader(self, split: tuple[str, int], batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-        """A loader of a prepared split; text splits are collated once and kept (``PaddedRows``)."""
-        data = self._tokenized[split]
+    def _loader(
+        self, split: tuple[str, int], source: Dataset, batch_size: int, shuffle: bool, seed: int = 0
+    ) -> DataLoader:
+        """A loader of a split prepared from ``source``; text splits are collated once and kept (``PaddedRows``)."""
+        data = self._tokenized_split(*split, source)
         if split not in self._padded:
             right = padding_is_right(self.tokenizer, self.task.is_instruction)
             self._padded[split] = PaddedRows.build(data, self.collator) if right else None
@@ -180,18 +181,15 @@ class Workspace:
         return make_collator(self.tokenizer, token_labels=self.task.is_instruction)
 
     def client_validation_loader(self, partition_id: int) -> DataLoader:
-        split = ("validation", partition_id)
-        self._tokenized_split(*split, self.client_split(partition_id).validation)
-        return self._loader(split, self.config.train.eval_batch_size, shuffle=False)
+        source = self.client_split(partition_id).validation
+        return self._loader(("validation", partition_id), source, self.config.train.eval_batch_size, shuffle=False)
 
     def train_loader(self, seed: int) -> DataLoader:
         """The whole training set (centralized training)."""
-        self._tokenized_split("train-all", 0, self.task.train)
-        return self._loader(("train-all", 0), self.config.train.batch_size, shuffle=True, seed=seed)
+        return self._loader(("train-all", 0), self.task.train, self.config.train.batch_size, shuffle=True, seed=seed)
 
     def test_loader(self) -> DataLoader:
-        self._tokenized_split("test", 0, self.task.test)
-        return self._loader(("test", 0), self.config.train.eval_batch_size, shuffle=False)
+        return self._loader(("test", 0), self.task.test, self.config.train.eval_batch_size, shuffle=False)
 
     def generation_due(self, server_round: int, last_round: bool) -> bool:
         """causal-lm: whether this round's evaluation generates answers (exact match)."""

@@ -99,6 +99,21 @@ def test_fedex_effective_weight_equals_the_average_of_client_weights():
     assert _bias(inputs, update) < 1e-12
 
 
+def test_the_stack_of_mixed_rank_factors_is_the_weighted_sum_of_their_products_in_float64():
+    """Each client's rows of A are scaled by its own weight, whatever its rank: Σ_k w_k B_k A_k summed one
+    client at a time in float64; a weight per factor pair, or an error."""
+    generator = torch.Generator().manual_seed(4)
+    ranks = [1, 4, 2, 3]
+    pairs = [(torch.randn(D_OUT, r, generator=generator), torch.randn(r, D_IN, generator=generator)) for r in ranks]
+    weights = torch.tensor([0.1, 0.4, 0.2, 0.3])
+    expected = sum(float(w) * (b.double() @ a.double()) for w, (b, a) in zip(weights, pairs, strict=True))
+    b_stack, a_stack = stacked_factors(pairs, weights)
+    assert b_stack.dtype == a_stack.dtype == torch.float64 and a_stack.shape == (sum(ranks), D_IN)
+    torch.testing.assert_close(b_stack @ a_stack, expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="4 factor pairs but 3 weights"):
+        stacked_factors(pairs, weights[:3])
+
+
 def test_flora_stack_equals_the_weighted_sum_of_products_and_restarts_the_adapter():
     inputs = _round(k=4)
     clients = [c["l1"] for c in inputs.clients]
