@@ -10,7 +10,7 @@ from fedlowrank.adapters import adapter_state, load_adapter_state, set_trainable
 from fedlowrank.config import TrainSettings
 from fedlowrank.engine import ClientJob, PlainData, PrivateData, train_batched
 from fedlowrank.runtime import get_workspace
-from fedlowrank.training import train_local
+from fedlowrank.training import planned_steps, train_local
 
 
 @pytest.fixture()
@@ -53,6 +53,8 @@ def _sequential(ws, starts, settings, kind):
     [
         (TrainSettings(local_steps=3, batch_size=8, lr=5e-3), "adamw", True),  # equal steps
         (TrainSettings(local_epochs=0.3, batch_size=8, lr=0.05, max_grad_norm=0.5), "sgd", True),  # uneven
+        # uneven (3, 2 and 5 steps): a client that is done leaves the stacks with its rows of AdamW's moments
+        (TrainSettings(local_epochs=0.3, batch_size=8, lr=5e-3, weight_decay=0.01), "adamw", True),
         (TrainSettings(local_steps=2, batch_size=8, lr=5e-3), "adamw", False),  # B only (FFA, FedSVD)
     ],
 )
@@ -74,6 +76,7 @@ def test_batched_clients_match_sequential_training(workspace, settings, kind, tr
             error = (state[key] - want[key]).norm()
             assert error <= 1e-4 * max(float(moved), 1e-6) + 1e-7, (k, key, float(error), float(moved))
         assert result.dataset_size == sizes[k]
+        assert result.num_steps == planned_steps(settings, sizes[k])
     # the shared model itself is untouched and its forwards restored
     after_model = adapter_state(workspace.model)
     assert all(torch.equal(after_model[k], before_model[k]) for k in after_model)

@@ -4,8 +4,9 @@ Every client's examples of a step go through the shared base together; each adap
 example's own client adapter (``fedlowrank.kernels.multi_lora``: stacked A (K, r, d) and B (K, k, r),
 Triton on GPU, batched matrix products elsewhere), and the classifier head is per client too. AdamW and
 SGD act elementwise, so one optimizer over the stacked tensors is K independent optimizers; a client that
-has run all its steps is frozen (its slice is restored after later steps). Each client keeps its own data
-order (its own loader and seed, or its own Poisson sampler under DP).
+has run all its steps leaves the stacks (its rows and their optimizer state are cut out), so the steps that
+only the clients with more data take cost what those clients need. Each client keeps its own data order
+(its own loader and seed, or its own Poisson sampler under DP).
 
 Two ways to turn a step's shared backward into K clients' gradients, chosen per run:
 - plain: the loss is Σ_k mean_{i ∈ batch_k} L_i, so client k's gradient is exactly the gradient of its own
@@ -84,6 +85,59 @@ class _Stacked:
 
     module: nn.Module
     tensors: dict[str, torch.Tensor]  # state key -> (K, ...) tensor (a Parameter if it trains)
+
+
+class _Rows:
+    """Which job each stacked row holds, while it trains. A job whose steps are done leaves: its end tensors
+    are set aside and every stack and optimizer state keeps only the rows still training (AdamW's and SGD's
+    state is elementwise, so a cut-out row goes on exactly as before)."""
+
+    def __init__(self, stacks: dict[str, _Stacked], optimizer: torch.optim.Optimizer, count: int) -> None:
+        self.stacks, self.optimizer = stacks, optimizer
+        self.jobs = list(range(count))  # row -> job
+        self.ended: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]  # job -> its end tensors
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [t for stack in self.stacks.values() for t in stack.tensors.values() if isinstance(t, nn.Parameter)]
+
+    def release(self, done: Callable[[int], bool]) -> None:
+        """Set aside the end tensors of the jobs ``done`` says are done and cut their rows out."""
+        leaving = [r for r, k in enumerate(self.jobs) if done(k)]
+        if not leaving:
+            return
+        for r in leaving:
+            self.ended[self.jobs[r]] = {
+                key: tensor.detach()[r].to("cpu", torch.float32).clone()
+                for stack in self.stacks.values()
+                for key, tensor in stack.tensors.items()
+            }
+        staying = [r for r, k in enumerate(self.jobs) if not done(k)]
+        if staying:
+            self._keep(staying)
+        self.jobs = [self.jobs[r] for r in staying]
+
+    def _keep(self, staying: list[int]) -> None:
+        count = len(self.jobs)
+        index = torch.tensor(staying, device=next(iter(self.params)).device)
+        replaced: dict[int, nn.Parameter] = {}
+        for stack in self.stacks.values():
+            for key, tensor in stack.tensors.items():
+                kept = tensor.detach().index_select(0, index)
+                if isinstance(tensor, nn.Parameter):
+                    kept = nn.Parameter(kept)
+                    state = self.optimizer.state.pop(tensor, None)
+                    if state:  # per-row moments and buffers; scalars (AdamW's shared step count) as they are
+                        self.optimizer.state[kept] = {
+                            name: value.index_select(0, index)
+                            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == count
+                            else value
+                            for name, value in state.items()
+                        }
+                    replaced[id(tensor)] = kept
+                stack.tensors[key] = kept
+        for group in self.optimizer.param_groups:
+            group["params"] = [replaced[id(p)] for p in group["params"]]
 
 
 class _BatchContext:
@@ -182,13 +236,13 @@ def _patched(model: PeftModel, stacks: dict[str, _Stacked], context: _BatchConte
         module = stack.module
         if isinstance(module, LoraLinear):
             a_key, b_key = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
-            a_stack, b_stack = stack.tensors[a_key], stack.tensors[b_key]
             scaling = module.scaling["default"]
             dropout = module.lora_dropout["default"]
             base = module.base_layer
 
-            def forward(x, *args, _a=a_stack, _b=b_stack, _s=scaling, _d=dropout, _base=base, **kwargs):
-                result = _base(x, *args, **kwargs)
+            def forward(x, *args, _t=stack.tensors, _ka=a_key, _kb=b_key, _s=scaling, _d=dropout, _base=base, **kw):
+                result = _base(x, *args, **kw)
+                _a, _b = _t[_ka], _t[_kb]  # read per call: finished clients' rows leave the stacks
                 x_in = _d(x).to(_a.dtype)
                 if context.per_sample and torch.is_grad_enabled():
                     flat = x_in if x_in.dim() == 3 else x_in.unsqueeze(1)
@@ -201,9 +255,9 @@ def _patched(model: PeftModel, stacks: dict[str, _Stacked], context: _BatchConte
         else:  # the per-client classifier head
             w_key = next(k for k in stack.tensors if k.endswith(".weight"))
             b_key = next((k for k in stack.tensors if k.endswith(".bias")), None)
-            weight, bias = stack.tensors[w_key], stack.tensors.get(b_key) if b_key else None
 
-            def forward(x, *args, _w=weight, _bias=bias, **kwargs):
+            def forward(x, *args, _t=stack.tensors, _kw=w_key, _kb=b_key, **kwargs):
+                _w, _bias = _t[_kw], _t[_kb] if _kb else None
                 index = context.client_index
                 if context.per_sample and torch.is_grad_enabled():
                     return _PerSampleHead.apply(x, _w, _bias, index)
@@ -265,7 +319,7 @@ class _PlainClients:
     def loss_divisor(self, count: int) -> int:
         return count
 
-    def gradients_(self, params: list[nn.Parameter], client_index: torch.Tensor, active: list[int]) -> None:
+    def gradients_(self, params: list[nn.Parameter], row_index: torch.Tensor, jobs: list[int]) -> None:
         """clip_grad_norm_ for each client's slice separately (what train_local does per client)."""
         if self.max_grad_norm <= 0:
             return
@@ -325,20 +379,21 @@ class _PrivateClients:
     def loss_divisor(self, count: int) -> int:
         return 1
 
-    def gradients_(self, params: list[nn.Parameter], client_index: torch.Tensor, active: list[int]) -> None:
-        """p.grad[k] = (Σ_{n ∈ batch_k} clip_{C_k}(∇_n) + N(0, σ_k²C_k²)) / E[b_k] for the active clients."""
-        count = client_index.shape[0]
+    def gradients_(self, params: list[nn.Parameter], row_index: torch.Tensor, jobs: list[int]) -> None:
+        """p.grad[r] = (Σ_{n ∈ batch_k} clip_{C_k}(∇_n) + N(0, σ_k²C_k²)) / E[b_k], row r holding job k."""
+        count = row_index.shape[0]
         samples = [
             p.grad_sample if getattr(p, "grad_sample", None) is not None else p.new_zeros((count, *p.shape[1:]))
             for p in params
         ]
-        grads, _norms = clipped_sums(samples, client_index, self.clip, len(self.jobs))
+        clip = self.clip[torch.tensor(jobs, device=self.clip.device)]
+        grads, _norms = clipped_sums(samples, row_index, clip, len(jobs))
         for p in params:
             p.grad_sample = None
-        for k in active:  # noise in the optimizer's parameter order, from the client's own generator
-            plan, clip = self.jobs[k].plan, self.jobs[k].max_grad_norm
+        for r, k in enumerate(jobs):  # noise in the optimizer's parameter order, from the client's own generator
+            plan, clip_k = self.jobs[k].plan, self.jobs[k].max_grad_norm
             for grad in grads:
-                noisy_mean_(grad[k], plan.noise_multiplier * clip, plan.expected_batch_size, self.noise_generators[k])
+                noisy_mean_(grad[r], plan.noise_multiplier * clip_k, plan.expected_batch_size, self.noise_generators[k])
         for p, grad in zip(params, grads, strict=True):
             p.grad = grad
 
@@ -425,6 +480,7 @@ def train_batched(
     if not params:
         raise ValueError("no trainable parameters: nothing to optimize")
     optimizer = make_optimizer(params, settings, optimizer_kind)
+    rows = _Rows(stacks, optimizer, len(jobs))
     iterators = [clients.batches(k, job.seed) for k, job in enumerate(jobs)]
     torch.manual_seed(jobs[0].seed)  # dropout masks (they depend on the wave's composition anyway)
     losses, examples = [0.0] * len(jobs), [0] * len(jobs)
@@ -433,28 +489,27 @@ def train_batched(
     model.train()
     with _patched(model, stacks, context):
         for step in range(max(clients.steps)):
-            _step(model, clients, iterators, step, params, optimizer, context, device, max_tokens, losses, examples)
+            rows.release(lambda k, step=step: step >= clients.steps[k])  # a client past its last step leaves
+            _step(model, clients, iterators, rows, context, device, max_tokens, losses, examples)
+    rows.release(lambda k: True)
     clients.finish()
     trained = [key for stack in stacks.values() for key, t in stack.tensors.items() if isinstance(t, nn.Parameter)]
     results = []
     for k, job in enumerate(jobs):
-        state = dict(job.start_state)
-        for stack in stacks.values():
-            for key, tensor in stack.tensors.items():
-                state[key] = tensor.detach()[k].to("cpu", torch.float32).clone()
+        state = {**job.start_state, **rows.ended[k]}
         moved = not all(torch.equal(state[key], job.start_state[key].to(state[key].dtype)) for key in trained)
         results.append((state, clients.result(k, losses[k], examples[k], moved)))
     return results
 
 
-def _step(model, clients, iterators, step, params, optimizer, context, device, max_tokens, losses, examples) -> None:
-    """One optimizer step of every client still training (a client past its last step is frozen)."""
-    active = [k for k, count in enumerate(clients.steps) if step < count]
-    drawn = [(k, next(iterators[k])) for k in active]
-    present = [(k, b) for k, b in drawn if b is not None]  # DP: empty Poisson batches drop out here
+def _step(model, clients, iterators, rows: _Rows, context, device, max_tokens, losses, examples) -> None:
+    """One optimizer step of every client still training (each holds one row of the stacks)."""
+    drawn = [(r, next(iterators[k])) for r, k in enumerate(rows.jobs)]
+    present = [(r, b) for r, b in drawn if b is not None]  # DP: empty Poisson batches drop out here
+    params = rows.params
     context.client_index = torch.zeros(0, dtype=torch.long, device=device)
     if present:
-        owners = [k for k, _ in present]
+        owners = [r for r, _ in present]
         counts = [b["labels"].shape[0] for _, b in present]
         batch = _pad_and_concat([b for _, b in present])
         owner = torch.repeat_interleave(torch.tensor(owners), torch.tensor(counts))
@@ -462,16 +517,10 @@ def _step(model, clients, iterators, step, params, optimizer, context, device, m
         per_example, context.client_index = _forward_backward(
             model, batch, owner, clients.loss_weights(counts), per_sample_params, context, device, max_tokens
         )
-        sums = torch.zeros(len(losses), device=device).index_add(0, context.client_index, per_example)
-        for k, c in zip(owners, counts, strict=True):
-            losses[k] += float(sums[k]) / clients.loss_divisor(c)
-            examples[k] += c
-    clients.gradients_(params, context.client_index, active)
-    finished = [k for k, count in enumerate(clients.steps) if step >= count]
-    frozen = [p.detach()[finished].clone() for p in params] if finished else []
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if finished:  # a client past its last step must not move (momentum would still push it)
-        with torch.no_grad():
-            for p, saved in zip(params, frozen, strict=True):
-                p[finished] = saved
+        sums = torch.zeros(len(rows.jobs), device=device).index_add(0, context.client_index, per_example).tolist()
+        for r, c in zip(owners, counts, strict=True):
+            losses[rows.jobs[r]] += sums[r] / clients.loss_divisor(c)
+            examples[rows.jobs[r]] += c
+    clients.gradients_(params, context.client_index, rows.jobs)
+    rows.optimizer.step()
+    rows.optimizer.zero_grad(set_to_none=True)
