@@ -9,6 +9,13 @@ projection on a fixed random vector, plus every per-round metric that is not a w
 ledger and bytes exactly). It guards refactorings: a change of behaviour must be deliberate and re-recorded.
 Re-recorded since, deliberately: FedSA's last-round test metrics (now the plain mean over the clients that score
 their own model, no longer weighted by validation-split sizes).
+
+Another CPU's float kernels move a fingerprint by more than 1e-6 (seen: 1.7e-6 to 3.1e-4 relative on a 2-core
+AVX-512 Xeon, whose drift also changed with ``MKL_ENABLE_INSTRUCTIONS``), so ``behaviour_fingerprints_other_cpus.json``
+holds the same cases recorded on other machines from a commit whose run matched the primary recording on its
+own machine. A run passes if it matches one recording at the same tolerances; nothing is loosened.
+``python tests/behaviour_fingerprints.py record-cpu LABEL "machine words" COMMIT`` adds one (run it only from
+such a commit).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any
 import torch
 
 FINGERPRINTS = Path(__file__).resolve().parent / "data" / "behaviour_fingerprints.json"
+OTHER_CPUS = FINGERPRINTS.with_name("behaviour_fingerprints_other_cpus.json")  # label -> machine, commit, cases
 TIMING_KEYS = ("round_time", "train_round_time", "wall_time")
 EXACT_KEYS = ("dp_epsilon_per_client", "dp_epsilon_max", "user_dp_epsilon")  # the ε ledger: equal to the bit
 SGD = {"optimizer": "sgd", "train.lr": 0.5}
@@ -155,6 +163,23 @@ def _close(old: Any, new: Any, rtol: float, atol: float = 0.0) -> bool:
     return old == new
 
 
+def recordings(case: str) -> list[tuple[str, dict[str, Any]]]:
+    """The case's recordings, the primary first, then those made on other CPUs: (where, fingerprint)."""
+    found = [("primary", json.loads(FINGERPRINTS.read_text())[case])]
+    if OTHER_CPUS.is_file():
+        for label, entry in sorted(json.loads(OTHER_CPUS.read_text()).items()):
+            if case in entry["cases"]:
+                found.append((f"{label} ({entry['machine']}; {entry['recorded_from']})", entry["cases"][case]))
+    return found
+
+
+def record_cpu(data_dir: Path, output_dir: Path, label: str, machine: str, commit: str) -> None:
+    entries = json.loads(OTHER_CPUS.read_text()) if OTHER_CPUS.is_file() else {}
+    cases = {name: fingerprint(run_case(name, data_dir, output_dir)) for name in CASES}
+    entries[label] = {"machine": machine, "recorded_from": commit, "cases": cases}
+    OTHER_CPUS.write_text(json.dumps(entries, indent=1, sort_keys=True) + "\n")
+
+
 def record(data_dir: Path, output_dir: Path, names: list[str] | None = None) -> None:
     recorded = json.loads(FINGERPRINTS.read_text()) if FINGERPRINTS.is_file() else {}
     for name in names or list(CASES):
@@ -164,13 +189,20 @@ def record(data_dir: Path, output_dir: Path, names: list[str] | None = None) -> 
     FINGERPRINTS.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
 
 
-if __name__ == "__main__":  # python tests/behaviour_fingerprints.py record [CASE ...]
+if __name__ == "__main__":  # python tests/behaviour_fingerprints.py record [CASE ...] | record-cpu LABEL MACHINE COMMIT
     import os
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     data = Path(os.environ.get("FEDLOWRANK_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
-    if sys.argv[1:2] != ["record"]:
-        raise SystemExit("usage: python tests/behaviour_fingerprints.py record [CASE ...]")
+    torch.set_num_threads(2)  # as the test: CPU dropout masks depend on the thread count
     with tempfile.TemporaryDirectory() as tmp:
-        record(data, Path(tmp), sys.argv[2:] or None)
+        if sys.argv[1:2] == ["record"]:
+            record(data, Path(tmp), sys.argv[2:] or None)
+        elif sys.argv[1:2] == ["record-cpu"] and len(sys.argv) == 5:
+            record_cpu(data, Path(tmp), *sys.argv[2:5])
+        else:
+            raise SystemExit(
+                "usage: python tests/behaviour_fingerprints.py record [CASE ...]\n"
+                '       python tests/behaviour_fingerprints.py record-cpu LABEL "machine words" COMMIT'
+            )
