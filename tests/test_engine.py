@@ -137,6 +137,7 @@ def test_batched_dp_sgd_matches_each_client_training_alone(workspace, sigma, cli
     starts = _start_states(workspace, 3)
     datasets = [workspace.client_train_dataset(pid) for pid in range(3)]
     plans = [fixed_dp_plan(len(d), sigma, local_steps=2 + pid) for pid, d in enumerate(datasets)]  # uneven steps
+    clips = [clip * (1 - 0.25 * pid) for pid in range(3)]  # each client's own C, kept when a done client leaves
     expected, accountants = [], []
     for pid, start in enumerate(starts):
         load_adapter_state(workspace.model, start)
@@ -148,7 +149,7 @@ def test_batched_dp_sgd_matches_each_client_training_alone(workspace, sigma, cli
             settings,
             plans[pid],
             accountant,
-            max_grad_norm=clip,
+            max_grad_norm=clips[pid],
             engine="hooks",
             optimizer_kind=kind,
             seed=7 + pid,
@@ -157,7 +158,9 @@ def test_batched_dp_sgd_matches_each_client_training_alone(workspace, sigma, cli
         accountants.append(accountant)
     load_adapter_state(workspace.model, workspace.initial_state)
     jobs = [
-        ClientJob(start, PrivateData(datasets[pid], workspace.collator, plans[pid], PrivacyAccountant(), clip), 7 + pid)
+        ClientJob(
+            start, PrivateData(datasets[pid], workspace.collator, plans[pid], PrivacyAccountant(), clips[pid]), 7 + pid
+        )
         for pid, start in enumerate(starts)
     ]
     results = train_batched(workspace.model, jobs, settings, kind)
