@@ -103,16 +103,16 @@ class _Rows:
 
     def release(self, done: Callable[[int], bool]) -> None:
         """Set aside the end tensors of the jobs ``done`` says are done and cut their rows out."""
-        leaving = [r for r, k in enumerate(self.jobs) if done(k)]
-        if not leaving:
+        finished = [done(k) for k in self.jobs]
+        if not any(finished):
             return
-        for r in leaving:
+        for r in (r for r, gone in enumerate(finished) if gone):
             self.ended[self.jobs[r]] = {
                 key: tensor.detach()[r].to("cpu", torch.float32).clone()
                 for stack in self.stacks.values()
                 for key, tensor in stack.tensors.items()
             }
-        staying = [r for r, k in enumerate(self.jobs) if not done(k)]
+        staying = [r for r, gone in enumerate(finished) if not gone]
         if staying:
             self._keep(staying)
         self.jobs = [self.jobs[r] for r in staying]
