@@ -13,7 +13,12 @@ process so that nothing is shared between them:
 - ``cohorts``     — past one process: the same apps under Flower's simulation engine with ``--nodes`` cohort
                     nodes (``cohort-nodes``), each a process with cores/nodes threads hosting its share of the K
                     clients and training its sampled ones with the batched engine. Not in the default modes:
-                    ``--modes batched,cohorts`` compares it with one in-process batched run on every core.
+                    ``--modes batched,cohorts`` compares it with one in-process batched run on every core;
+- ``ceiling``     — what the hardware allows past one process: ``train_batched`` alone (no Flower, no replies,
+                    no server) on the K clients' round, once in one process on every core and once split as the
+                    cohort nodes split it (client k in process k mod N, cores/N threads each, the N processes
+                    timed together); its rate is the split's, and ``ratio_nodes_to_one_process`` of the engine
+                    alone is the most that ``cohorts`` could gain.
 Dynamic padding everywhere. A federated mode's time is the median ``train_round_time`` (configure, train,
 aggregate; no evaluation) of rounds 2..R: start-up and the first round's warm-up (Ray actors, model loading)
 are excluded for every mode alike. Peak memory is the machine's RAM in use above the mode's start (all
@@ -22,13 +27,14 @@ processes, Ray's included), and on CUDA the peak allocated device memory.
 Prints a table, then one summary line per target it measured, last:
 ``ratio_to_limit minilm K=32: x``, ``speedup_vs_flower small K=512: x`` and, on a GPU,
 ``speedup_vs_flower gpu K=128: x``, ``ratio_to_centralized gpu K=128: x``, and with ``cohorts``
-``ratio_two_nodes_to_one_process small K=128: x``. Writes JSON to
+``ratio_two_nodes_to_one_process small K=128: x`` (with ``ceiling``: ``ceiling_two_processes_to_one small
+K=128: x``). Writes JSON to
 ``benchmarks/results/engine/<model>-<device>.json``.
 
     python benchmarks/bench_engine.py --model small --clients 8,32,128,512 --steps 1 --batch 8
     python benchmarks/bench_engine.py --model minilm --clients 32 --steps 4 --batch 16 --sizes equal
     python benchmarks/bench_engine.py --model decoder --clients 8,32 --steps 2 --batch 4
-    python benchmarks/bench_engine.py --model small --clients 128 --modes batched,cohorts --nodes 2 --repeats 3
+    python benchmarks/bench_engine.py --model small --clients 128 --modes batched,cohorts,ceiling --nodes 2 --repeats 3
 
 ``--model decoder``: instruction tuning of a config-built Llama (hidden 256, 4 layers, random weights: the
 speed does not depend on them; character tokens) on the shipped GSM8K, 128 tokens, LoRA on q/v; the table
@@ -46,10 +52,11 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = ("flower", "batched", "sequential", "centralized", "cohorts")
+MODES = ("flower", "batched", "sequential", "centralized", "cohorts", "ceiling")
 DEFAULT_MODES = MODES[:4]
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -184,11 +191,11 @@ def federated_round_time(config) -> tuple[float, int]:
     return statistics.median(steady), examples_per_round(get_workspace(config), config)
 
 
-def examples_per_round(workspace, config) -> int:
+def examples_per_round(workspace, config, clients: list[int] | None = None) -> int:
     from fedlowrank.training import planned_steps
 
     total = 0
-    for pid in range(config.num_clients):
+    for pid in range(config.num_clients) if clients is None else clients:
         size = len(workspace.client_train_dataset(pid))
         if config.train.local_steps > 0:
             total += config.train.local_steps * min(config.train.batch_size, size)
@@ -209,6 +216,8 @@ def worker(args: argparse.Namespace) -> dict:
         extra: dict = {}
         if args.worker == "centralized":
             seconds, examples, extra = centralized(config, args)
+        elif args.worker == "ceiling":
+            seconds, examples = engine_alone(config, args)
         elif args.worker in ("flower", "cohorts"):
             from flwr.simulation import run_simulation
 
@@ -284,14 +293,72 @@ def centralized(config, args: argparse.Namespace) -> tuple[float, int, dict]:
     return min(best.values()), processed, {f"centralized_{k}_examples_per_s": processed / v for k, v in best.items()}
 
 
+def engine_alone(config, args: argparse.Namespace) -> tuple[float, int]:
+    """``train_batched`` on this part's clients (client k in part k mod parts; ``--worker-part`` of
+    ``--worker-parts``) with cores/parts threads: the median of rounds 2..R, after every part has loaded."""
+    import torch
+
+    from fedlowrank.engine import ClientJob, PlainData, train_batched
+    from fedlowrank.runtime import get_workspace
+
+    part, parts = args.worker_part, args.worker_parts
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // parts))
+    workspace = get_workspace(config)
+    clients = [k for k in range(config.num_clients) if k % parts == part]
+    start = workspace.adapter_snapshot()
+    examples = examples_per_round(workspace, config, clients)
+    barrier = Path(args.worker_barrier)
+    (barrier / f"ready-{part}").touch()  # the parts are timed together: none trains while another still loads
+    deadline = time.monotonic() + args.timeout
+    while len(list(barrier.glob("ready-*"))) < parts and time.monotonic() < deadline:
+        time.sleep(0.05)
+    times = []
+    for server_round in range(1, args.rounds + 1):
+        jobs = [ClientJob(start, PlainData(workspace.client_train_loader(k, seed=server_round * 10_007 + k)), k)
+                for k in clients]  # fmt: skip
+        started = time.perf_counter()
+        train_batched(workspace.model, jobs, config.train, config.optimizer, resolved_max_tokens(config))
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:] if len(times) > 1 else times), examples
+
+
+def run_ceiling(args: argparse.Namespace, clients: int, sizes: str) -> dict:
+    """The engine alone, in one process on every core, then split over ``--nodes`` processes at once."""
+    with tempfile.TemporaryDirectory() as barrier:
+        one = run_mode(args, "ceiling", clients, sizes, (0, 1), barrier)
+    with tempfile.TemporaryDirectory() as barrier, ThreadPoolExecutor(args.nodes) as pool:
+        parts = list(pool.map(lambda p: run_mode(args, "ceiling", clients, sizes, (p, args.nodes), barrier),
+                              range(args.nodes)))  # fmt: skip
+    failed = [run for run in (one, *parts) if "error" in run]
+    if failed:
+        return failed[0]
+    seconds = max(run["seconds"] for run in parts)  # a round of the split is done when its slowest part is
+    examples = sum(run["examples"] for run in parts)
+    return {
+        "seconds": seconds,
+        "examples": examples,
+        "examples_per_s": examples / seconds,
+        "one_process_examples_per_s": one["examples_per_s"],
+        "ratio_nodes_to_one_process": examples / seconds / one["examples_per_s"],
+        "part_seconds": [run["seconds"] for run in parts],
+        "peak_ram_mb": max(run["peak_ram_mb"] for run in parts),  # machine-wide already: every part sees all
+    }
+
+
 def resolved_max_tokens(config) -> int:
     from clients.trainers import engine_max_tokens
 
     return engine_max_tokens(config)
 
 
-def run_mode(args: argparse.Namespace, mode: str, clients: int, sizes: str) -> dict:
+def run_mode(
+    args: argparse.Namespace, mode: str, clients: int, sizes: str, part: tuple[int, int] = (0, 1), barrier: str = ""
+) -> dict:
+    """``mode`` at K = ``clients`` in a process of its own (``part``, ``barrier``: one part of ``ceiling``)."""
+    if mode == "ceiling" and not barrier:
+        return run_ceiling(args, clients, sizes)
     command = [sys.executable, __file__, "--worker", mode, "--worker-clients", str(clients), "--worker-sizes", sizes]
+    command += ["--worker-part", str(part[0]), "--worker-parts", str(part[1]), "--worker-barrier", barrier or "."]
     for name in ("model", "steps", "batch", "rounds", "device", "data_dir", "flower_gpus", "max_tokens", "nodes"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     started = time.perf_counter()
@@ -333,6 +400,9 @@ def main() -> None:
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--worker-clients", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-sizes", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-part", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-parts", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-barrier", default=".", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
@@ -372,6 +442,11 @@ def main() -> None:
                 paired = zip(repeats["cohorts"], repeats["batched"], strict=True)
                 row["ratio_nodes_to_one_process_repeats"] = [
                     c["examples_per_s"] / b["examples_per_s"] for c, b in paired
+                ]
+            if rate.get("ceiling"):
+                row["ceiling_nodes_to_one_process"] = row["ceiling"]["ratio_nodes_to_one_process"]
+                row["ceiling_nodes_to_one_process_repeats"] = [
+                    run["ratio_nodes_to_one_process"] for run in repeats["ceiling"]
                 ]
             if rate.get("batched") and rate.get("centralized"):
                 row["ratio_to_limit"] = rate["batched"] / rate["centralized"]
@@ -420,6 +495,12 @@ def main() -> None:
             print(
                 f"ratio_two_nodes_to_one_process {row['model']} K={row['clients']}: "
                 f"{row['ratio_nodes_to_one_process']:.2f} (repeats: {spread})"
+            )
+        if "ceiling_nodes_to_one_process" in row and args.nodes == 2:
+            spread = ", ".join(f"{r:.2f}" for r in row["ceiling_nodes_to_one_process_repeats"])
+            print(
+                f"ceiling_two_processes_to_one {row['model']} K={row['clients']}: "
+                f"{row['ceiling_nodes_to_one_process']:.2f} (repeats: {spread})"
             )
         if row["model"] == "decoder" and "ratio_to_limit" in row:
             print(f"ratio_to_limit decoder{' gpu' if on_gpu else ''} K={row['clients']}: {row['ratio_to_limit']:.2f}")

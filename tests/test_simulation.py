@@ -262,3 +262,20 @@ def test_replies_are_collected_as_they_arrive_and_a_timeout_returns_what_came(ti
             assert sorted(r.metadata.src_node_id for r in replies) == sorted(grid.node_ids)
         else:
             assert replies == [] and 0.3 <= time.monotonic() - started < 5
+
+
+def test_reply_polls_are_late_by_a_bounded_fraction_of_the_wait():
+    """A reply is collected at most 5 % of the time waited after it came (10 ms at first, 1 s at most): a poll
+    interval that only grows had a 0.55 s round collected at 0.75 s."""
+    from strategies.replies import FIRST_POLL, LATE_FRACTION, LONGEST_POLL, poll_interval
+
+    assert poll_interval(0.0) == FIRST_POLL
+    for waited in (0.5, 0.55, 2.0, 10.0):
+        assert poll_interval(waited) <= max(FIRST_POLL, LATE_FRACTION * waited) + 1e-12
+    assert poll_interval(3600.0) == LONGEST_POLL
+    # polls over a 60 s wait: dozens, not thousands
+    waited, polls = 0.0, 0
+    while waited < 60.0:
+        waited += poll_interval(waited)
+        polls += 1
+    assert polls < 200

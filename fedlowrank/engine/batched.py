@@ -106,12 +106,15 @@ class _Rows:
         finished = [done(k) for k in self.jobs]
         if not any(finished):
             return
-        for r in (r for r, gone in enumerate(finished) if gone):
-            self.ended[self.jobs[r]] = {
-                key: tensor.detach()[r].to("cpu", torch.float32).clone()
-                for stack in self.stacks.values()
-                for key, tensor in stack.tensors.items()
-            }
+        leaving = [r for r, gone in enumerate(finished) if gone]
+        index = torch.tensor(leaving, device=next(iter(self.params)).device)
+        for stack in self.stacks.values():
+            for key, tensor in stack.tensors.items():
+                # one copy of the leaving rows per tensor, handed out as per-row views (their states are copied
+                # again whenever kept: records and files hold bytes, never these tensors)
+                rows = tensor.detach().index_select(0, index).to("cpu", torch.float32).unbind(0)
+                for r, row in zip(leaving, rows, strict=True):
+                    self.ended[self.jobs[r]][key] = row
         staying = [r for r, gone in enumerate(finished) if not gone]
         if staying:
             self._keep(staying)
@@ -332,7 +335,7 @@ class _PlainClients:
     def finish(self) -> None:
         pass
 
-    def result(self, k: int, loss: float, examples: int, moved: bool) -> TrainResult:
+    def result(self, k: int, loss: float, examples: int, moved: Callable[[], bool]) -> TrainResult:
         return TrainResult(
             loss=loss / self.steps[k], num_examples=examples, num_steps=self.steps[k], dataset_size=self.sizes[k]
         )
@@ -403,8 +406,8 @@ class _PrivateClients:
                 private.plan.noise_multiplier, private.plan.sample_rate, private.plan.steps_per_round
             )
 
-    def result(self, k: int, loss: float, examples: int, moved: bool) -> DPTrainResult:
-        if not moved:  # the silent no-update hazard of DP training (opacus #820): a noisy step always moves them
+    def result(self, k: int, loss: float, examples: int, moved: Callable[[], bool]) -> DPTrainResult:
+        if not moved():  # the silent no-update hazard of DP training (opacus #820): a noisy step always moves them
             raise RuntimeError("DP-SGD finished but a client's trainable weights are bit-identical to its start")
         plan, accountant = self.jobs[k].plan, self.jobs[k].accountant
         return DPTrainResult(
@@ -497,7 +500,10 @@ def train_batched(
     results = []
     for k, job in enumerate(jobs):
         state = {**job.start_state, **rows.ended[k]}
-        moved = not all(torch.equal(state[key], job.start_state[key].to(state[key].dtype)) for key in trained)
+
+        def moved(state=state, start=job.start_state) -> bool:  # asked only where it matters (DP-SGD)
+            return not all(torch.equal(state[key], start[key].to(state[key].dtype)) for key in trained)
+
         results.append((state, clients.result(k, losses[k], examples[k], moved)))
     return results
 
