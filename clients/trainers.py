@@ -162,8 +162,7 @@ class PrivateLoRATrainer(LoRATrainer):
         node, config = prepared.node, prepared.node.config
         result = train_private(
             node.model,
-            node.workspace.client_train_dataset(node.partition_id),
-            node.workspace.collator,
+            *node.workspace.client_train_examples(node.partition_id),
             config.dp.local_train(config.train),
             prepared.plan,  # type: ignore[arg-type]
             prepared.accountant,  # type: ignore[arg-type]
@@ -179,8 +178,7 @@ class PrivateLoRATrainer(LoRATrainer):
 
     def engine_data(self, prepared: PreparedRound) -> PlainData | PrivateData | None:
         node = prepared.node
-        dataset = node.workspace.client_train_dataset(node.partition_id)
-        collate = node.workspace.collator
+        dataset, collate = node.workspace.client_train_examples(node.partition_id)
         return PrivateData(dataset, collate, prepared.plan, prepared.accountant, node.config.dp.max_grad_norm)  # type: ignore[arg-type]
 
     def privacy_report(self, prepared: PreparedRound, local: LocalResult) -> PrivacyReport:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import gc
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -17,7 +18,9 @@ from typing import Any
 import torch
 from datasets import Dataset
 from peft import PeftModel
+from torch import Tensor
 from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 from transformers import ImageProcessingMixin, PreTrainedTokenizerBase
 
 from fedlowrank.adapters import (
@@ -161,12 +164,26 @@ class Workspace:
     ) -> DataLoader:
         """A loader of a split prepared from ``source``; text splits are collated once and kept (``PaddedRows``)."""
         data = self._tokenized_split(*split, source)
+        rows = self._padded_rows(split, data)
+        return make_loader(data, self.tokenizer, batch_size, shuffle, seed, self.task.is_instruction, rows=rows)
+
+    def _padded_rows(self, split: tuple[str, int], data: Dataset) -> PaddedRows | None:
+        """``data`` (the split's model-ready rows) collated once and kept, where the collator pads on the right."""
         if split not in self._padded:
             right = padding_is_right(self.tokenizer, self.task.is_instruction)
             self._padded[split] = PaddedRows.build(data, self.collator) if right else None
-        return make_loader(
-            data, self.tokenizer, batch_size, shuffle, seed, self.task.is_instruction, rows=self._padded[split]
-        )
+        return self._padded[split]
+
+    def client_train_examples(self, partition_id: int) -> tuple[TorchDataset, Callable[[list], dict[str, Tensor]]]:
+        """This client's training examples and the collate function that batches them, for trainers that draw
+        their own batches by index (DP-SGD's Poisson batches): the split collated once (``PaddedRows``, whose
+        items are indices and whose batches are gathers: ~0.04 ms instead of ~0.4 ms to read and pad a batch
+        from Arrow), else the model-ready rows (``client_train_dataset``) and ``collator``."""
+        split = ("train", partition_id)
+        rows = self._padded_rows(split, self._tokenized_split(*split, self.client_split(partition_id).train))
+        if rows is not None:
+            return rows, rows.batch
+        return self.client_train_dataset(partition_id), self.collator
 
     def client_train_dataset(self, partition_id: int) -> Dataset:
         """This client's model-ready training examples (DP-SGD draws its own Poisson batches from them)."""

@@ -8,6 +8,7 @@ from conftest import fixed_dp_plan
 
 from fedlowrank.adapters import adapter_state, load_adapter_state, set_trainable
 from fedlowrank.config import TrainSettings
+from fedlowrank.data import PaddedRows
 from fedlowrank.engine import ClientJob, PlainData, PrivateData, train_batched
 from fedlowrank.runtime import get_workspace
 from fedlowrank.training import planned_steps, train_local
@@ -128,7 +129,9 @@ def test_batched_grid_runs_the_same_federation_as_the_sequential_path(workspace,
     ],
 )
 def test_batched_dp_sgd_matches_each_client_training_alone(workspace, sigma, clip, kind, trains_a):
-    """Per-client per-example clipping and noise inside the shared pass = ``train_private`` (Opacus) per client."""
+    """Per-client per-example clipping and noise inside the shared pass = ``train_private`` (Opacus) per client.
+    The engine draws its Poisson batches from the split collated once (``client_train_examples``), Opacus from
+    the Arrow rows and the collator: the same examples either way."""
     from fedlowrank.privacy.accounting import PrivacyAccountant
     from fedlowrank.privacy.dp_sgd import train_private
 
@@ -157,10 +160,11 @@ def test_batched_dp_sgd_matches_each_client_training_alone(workspace, sigma, cli
         expected.append(adapter_state(workspace.model))
         accountants.append(accountant)
     load_adapter_state(workspace.model, workspace.initial_state)
+    examples = [workspace.client_train_examples(pid) for pid in range(3)]
+    for (rows, _), dataset in zip(examples, datasets, strict=True):  # the gather, not Arrow reads
+        assert isinstance(rows, PaddedRows) and len(rows) == len(dataset)
     jobs = [
-        ClientJob(
-            start, PrivateData(datasets[pid], workspace.collator, plans[pid], PrivacyAccountant(), clips[pid]), 7 + pid
-        )
+        ClientJob(start, PrivateData(*examples[pid], plans[pid], PrivacyAccountant(), clips[pid]), 7 + pid)
         for pid, start in enumerate(starts)
     ]
     results = train_batched(workspace.model, jobs, settings, kind)

@@ -374,7 +374,7 @@ class _PrivateClients:
                 self.empty[k] += 1
                 yield None
             else:
-                yield private.collate([private.dataset[i] for i in indices])
+                yield private.collate(_items(private.dataset, indices))
 
     def loss_weights(self, counts: list[int]) -> torch.Tensor:
         return torch.ones(sum(counts))  # Σ_n L_n: per-example gradients, clipped before any sum
@@ -420,6 +420,12 @@ class _PrivateClients:
             noise_multiplier=plan.noise_multiplier,
             sample_rate=plan.sample_rate,
         )
+
+
+def _items(dataset: Dataset, indices: list[int]) -> list:
+    """The items at ``indices``, in one call where the dataset has one (as ``DataLoader`` fetches a batch)."""
+    getitems = getattr(dataset, "__getitems__", None)
+    return getitems(indices) if getitems is not None else [dataset[i] for i in indices]
 
 
 def _client_group(jobs: list[ClientJob], settings: TrainSettings, device: torch.device):
