@@ -181,14 +181,19 @@ class MemoryWatch:
         return out
 
 
-def federated_round_time(config) -> tuple[float, int]:
-    """Median train-phase time of rounds 2..R from the run's metrics, and the examples one round trains."""
+def federated_round_time(config) -> tuple[float, int, dict]:
+    """Median train-phase time of rounds 2..R from the run's metrics, the examples one round trains, and with
+    cohort nodes the median time of a round's slowest node (the rest of a round is the runtime's and server's)."""
     from fedlowrank.runtime import get_workspace
 
     rows = [json.loads(line) for line in (Path(config.output_dir) / config.name / "metrics.jsonl").open()]
-    times = [row["train_round_time"] for row in rows if "train_round_time" in row]
-    steady = times[1:] if len(times) > 1 else times
-    return statistics.median(steady), examples_per_round(get_workspace(config), config)
+    rows = [row for row in rows if "train_round_time" in row]
+    steady = rows[1:] if len(rows) > 1 else rows
+    extra = {}
+    if all(row.get("cohort_node_seconds") for row in steady):
+        extra["slowest_node_seconds"] = statistics.median(max(row["cohort_node_seconds"].values()) for row in steady)
+    seconds = statistics.median(row["train_round_time"] for row in steady)
+    return seconds, examples_per_round(get_workspace(config), config), extra
 
 
 def examples_per_round(workspace, config, clients: list[int] | None = None) -> int:
@@ -238,13 +243,13 @@ def worker(args: argparse.Namespace) -> dict:
                     "init_args": {"num_cpus": cpus, "include_dashboard": False},
                 },
             )  # fmt: skip
-            seconds, examples = federated_round_time(config)
+            seconds, examples, extra = federated_round_time(config)
         else:
             from fedlowrank.progress import Reporter
             from simulations.run import run_inprocess
 
             run_inprocess(config, Reporter())
-            seconds, examples = federated_round_time(config)
+            seconds, examples, extra = federated_round_time(config)
     if config.task == "causal-lm":
         from fedlowrank.runtime import get_workspace
 

@@ -186,7 +186,8 @@ class Workspace:
         return self.client_train_dataset(partition_id), self.collator
 
     def client_train_dataset(self, partition_id: int) -> Dataset:
-        """This client's model-ready training examples (DP-SGD draws its own Poisson batches from them)."""
+        """This client's model-ready training examples (their count plans DP-SGD's σ; ``client_train_examples``
+        batches them for trainers that draw their own batches)."""
         data = self._tokenized_split("train", partition_id, self.client_split(partition_id).train)
         if self.task.is_image or data.format["type"] is None:  # images keep their transform
             return data
