@@ -3,8 +3,10 @@ sequential loop vs centralized training (the physical limit), all on the same ap
 
 K clients each take E local steps of batch b (``--sizes equal``: every client holds E·b real TREC questions)
 or one local epoch over a quantity-skewed share of K·E·b questions (``--sizes uneven``: client sizes from
-Dirichlet(0.5), at least one question each; ``data.partitioner = "quantity-skew"``). Modes, each in its own
-process so that nothing is shared between them:
+Dirichlet(0.5), at least one question each; ``data.partitioner = "quantity-skew"``; the largest clients take
+many steps one after another), or E local steps of batch b over such a share (``--sizes uneven-steps``: a
+client with fewer than b questions trains on all it has; with E = 1, the issue's "one step of batch 8" at
+uneven sizes). Modes, each in its own process so that nothing is shared between them:
 - ``flower``      — the fedlowrank ServerApp and ClientApp under Flower's Ray simulation (``run_simulation``),
                     one CPU per client (``--flower-gpus`` per client on a GPU);
 - ``batched``     — the same apps in process through ``BatchedGrid`` (``engine = "batched"``);
@@ -58,6 +60,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("flower", "batched", "sequential", "centralized", "cohorts", "ceiling")
 DEFAULT_MODES = MODES[:4]
+SIZES = ("equal", "uneven", "uneven-steps")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
@@ -128,7 +131,7 @@ def run_config(args: argparse.Namespace, mode: str, clients: int, sizes: str, ou
         "data.max-test-examples": 64,
         "data.max-length": 64,
         "train.batch-size": args.batch,
-        "train.local-steps": args.steps if sizes == "equal" else 0,
+        "train.local-steps": 0 if sizes == "uneven" else args.steps,  # uneven: one local epoch
         "train.local-epochs": 1.0,
         "train.lr": 5e-3,
     }
@@ -202,8 +205,10 @@ def examples_per_round(workspace, config, clients: list[int] | None = None) -> i
     total = 0
     for pid in range(config.num_clients) if clients is None else clients:
         size = len(workspace.client_train_dataset(pid))
-        if config.train.local_steps > 0:
-            total += config.train.local_steps * min(config.train.batch_size, size)
+        if config.train.local_steps > 0:  # the loader's batches, cycled: b, ..., b, size mod b, b, ...
+            batch = config.train.batch_size
+            epoch = [batch] * (size // batch) + ([size % batch] if size % batch else [])
+            total += sum(epoch[step % len(epoch)] for step in range(config.train.local_steps))
         else:
             steps = planned_steps(config.train, size)
             total += min(steps * config.train.batch_size, size)  # one epoch: every example once
@@ -270,7 +275,8 @@ def centralized(config, args: argparse.Namespace) -> tuple[float, int, dict]:
 
     workspace = get_workspace(config)
     examples = examples_per_round(workspace, config)
-    pooled = dataclasses.replace(config.train, batch_size=config.num_clients * config.train.batch_size)
+    # batch K·b, or a round's examples if fewer (uneven-steps: clients with fewer than b questions)
+    pooled = dataclasses.replace(config.train, batch_size=min(config.num_clients * config.train.batch_size, examples))
     pooled.local_steps = max(1, -(-examples // pooled.batch_size))
     workspace.config = dataclasses.replace(config, train=pooled)  # its train loader batches K·b
     loader = workspace.train_loader(seed=0)
@@ -389,7 +395,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("minilm", "small", "decoder"), default="small")
     parser.add_argument("--clients", default="8,32,128,512")
-    parser.add_argument("--sizes", choices=("equal", "uneven", "both"), default="equal")
+    parser.add_argument(
+        "--sizes", default="equal", help=f"comma-separated, of {', '.join(SIZES)}; 'both': equal,uneven"
+    )
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"any of {', '.join(MODES)}")
     parser.add_argument("--nodes", type=int, default=2, help="cohort nodes of the 'cohorts' mode")
     parser.add_argument("--repeats", type=int, default=1, help="measure each mode this many times (the spread)")
@@ -418,12 +426,14 @@ def main() -> None:
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         parser.error(f"unknown modes {unknown}; choose from {MODES}")
-    sizes_list = ["equal", "uneven"] if args.sizes == "both" else [args.sizes]
+    sizes_list = ["equal", "uneven"] if args.sizes == "both" else [s.strip() for s in args.sizes.split(",")]
+    if set(sizes_list) - set(SIZES):
+        parser.error(f"unknown --sizes {sorted(set(sizes_list) - set(SIZES))}; choose from {', '.join(SIZES)}")
     if args.model == "decoder" and sizes_list != ["equal"]:
         parser.error("--model decoder: instruction data are split IID (no label to skew by); use --sizes equal")
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)"
     rows = []
-    header = f"{'model':7} {'sizes':7} {'K':>4} " + " ".join(f"{m + ' ex/s':>16}" for m in modes)
+    header = f"{'model':7} {'sizes':12} {'K':>4} " + " ".join(f"{m + ' ex/s':>16}" for m in modes)
     print(f"device: {device_name} | E={args.steps} b={args.batch} | {args.rounds} rounds, rounds 2.. timed")
     print(header + f" {'batched/limit':>14} {'batched/flower':>15} {'peak MB (b/f)':>15}")
     for sizes in sizes_list:
@@ -467,7 +477,7 @@ def main() -> None:
                 f"{row[m].get('peak_ram_mb', float('nan')):.0f}" for m in ("batched", "flower") if m in row
             )
             print(
-                f"{args.model:7} {sizes:7} {clients:4d} {cells} {row.get('ratio_to_limit', float('nan')):14.2f} "
+                f"{args.model:7} {sizes:12} {clients:4d} {cells} {row.get('ratio_to_limit', float('nan')):14.2f} "
                 f"{row.get('speedup_vs_flower', float('nan')):15.2f} {memory:>15}",
                 flush=True,
             )
