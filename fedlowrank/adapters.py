@@ -239,11 +239,38 @@ def write_marks(model: PeftModel, frozen_layers: Iterable[str] = ()) -> tuple[tu
     equal marks at two moments mean none of them was replaced or written in between (every in-place write,
     optimizers' and ``copy_`` included, bumps a tensor's counter). None when the adapter's tensors are not
     known (peft's own state-dict calls are in use)."""
-    live = _state_tensors(model)
-    if live is None:
+    slots = _mark_slots(model, tuple(frozen_layers))
+    if slots is None:
         return None
-    tensors = [*live.values(), *(_lora_layer(model, layer).base_layer.weight for layer in frozen_layers)]
-    return tuple((id(t), t._version) for t in tensors)
+    return tuple((id(t), t._version) for t in [table[name] for table, name in slots])
+
+
+_MARK_SLOTS = "_fedlowrank_mark_slots"
+
+
+def _mark_slots(model: PeftModel, frozen_layers: tuple[str, ...]) -> list[tuple[dict, str]] | None:
+    """Where ``write_marks``' tensors live: (the owning module's parameter, buffer or attribute table, name),
+    found once per layout. Reading ``table[name]`` sees a replaced tensor as ``getattr`` would, without
+    ``Module.__getattr__`` (≈1 µs a tensor: most of a mark, and marks are taken twice per simulated client)."""
+    if _STATE_KEYS not in model.__dict__:
+        _state_tensors(model)  # maps the adapter's keys to their modules, once
+    places = model.__dict__[_STATE_KEYS]
+    if not places:
+        return None
+    cached = model.__dict__.get(_MARK_SLOTS)
+    if cached is not None and cached[0] is places and cached[1] == frozen_layers:
+        return cached[2]
+    owners = [*places.values(), *((_lora_layer(model, layer).base_layer, "weight") for layer in frozen_layers)]
+    slots = [(_attribute_table(module, name), name) for module, name in owners]
+    model.__dict__[_MARK_SLOTS] = (places, frozen_layers, slots)
+    return slots
+
+
+def _attribute_table(module: torch.nn.Module, name: str) -> dict:
+    for table in (module._parameters, module._buffers, module.__dict__):
+        if name in table:
+            return table
+    raise AttributeError(f"{type(module).__name__} has no tensor {name!r}")
 
 
 # ---- the frozen weight: residuals folded in by FedEx-LoRA and FLoRA ---------------------------------
@@ -318,7 +345,8 @@ def set_trainable(model: PeftModel, *, lora_a: bool = True, lora_b: bool = True,
         model.__dict__[_PARAMETER_ROLES] = roles
     wanted = {"A": lora_a, "B": lora_b, "head": head, "": False}
     for param, role in roles:
-        param.requires_grad_(wanted[role])
+        if param.requires_grad != wanted[role]:  # reading the flag is a fraction of setting it (every client)
+            param.requires_grad_(wanted[role])
 
 
 _PARAMETER_ROLES = "_fedlowrank_parameter_roles"

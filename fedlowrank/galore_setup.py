@@ -12,14 +12,16 @@ updates ``down(W_after − W_before)`` it uploads. Flower-free, so it is tested 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from fedlowrank.config import ConfigError, GaLoreSettings, TrainSettings
 from fedlowrank.fed_galore import client_projected_updates, projectors_from_wire, projectors_to_wire, round_projectors
 from fedlowrank.galore import GaLoreAdamW, galore_group, module_matches
+
+if TYPE_CHECKING:  # fedlowrank.data needs datasets, which a bare GPU machine lacks
+    from fedlowrank.data import Loader
 
 # Keys of fed-galore uploads: "<layer>.projected" holds down(ΔW) (r x n or m x r).
 PROJECTED_SUFFIX = ".projected"
@@ -162,7 +164,7 @@ def check_fed_galore_rank(shapes: dict[str, tuple[int, int]], rank: int) -> None
 
 def fed_galore_client_train(
     model: torch.nn.Module,
-    loader: DataLoader,
+    loader: Loader,
     settings: TrainSettings,
     galore: GaLoreSettings,
     modules: Sequence[str],

@@ -27,13 +27,14 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from fedlowrank.errors import DataError
 
 if TYPE_CHECKING:  # the engine imports this module; a GPU machine without datasets can still run it
     from datasets import Dataset
+
+    from fedlowrank.data import Loader
 
 IGNORE_INDEX = -100  # label of a token the loss skips (prompt, padding): torch's cross_entropy default
 ANSWER_MARK = "####"  # GSM8K: the final answer follows this mark
@@ -279,7 +280,7 @@ def answers_match(prediction: str, reference: str) -> bool:
 
 # ---- evaluation -------------------------------------------------------------------------------------
 @torch.no_grad()
-def response_scores(model: nn.Module, loader: DataLoader) -> tuple[float, float, int]:
+def response_scores(model: nn.Module, loader: Loader) -> tuple[float, float, int]:
     """(mean NLL per response token, next-token accuracy on response tokens, examples) over ``loader``."""
     device = next(model.parameters()).device
     was_training = model.training

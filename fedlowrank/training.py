@@ -10,12 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from torch.utils.data import DataLoader
 
 from fedlowrank.config import GaLoreSettings, TrainSettings
 from fedlowrank.instructions import IGNORE_INDEX
+
+if TYPE_CHECKING:  # fedlowrank.data needs datasets, which a bare GPU machine lacks
+    from fedlowrank.data import Loader
 
 # What each per-token input of a text batch is padded with (token labels: the index the loss skips).
 PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX}
@@ -90,7 +93,7 @@ def planned_steps(settings: TrainSettings, dataset_size: int) -> int:
     return max(1, math.ceil(settings.local_epochs * steps_per_epoch))
 
 
-def cycle_batches(loader: DataLoader, steps: int) -> Iterator[dict]:
+def cycle_batches(loader: Loader, steps: int) -> Iterator[dict]:
     """Yield exactly ``steps`` batches, reshuffling at each pass over the data."""
     taken = 0
     while taken < steps:
@@ -198,7 +201,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def train_local(
     model: torch.nn.Module,
-    loader: DataLoader,
+    loader: Loader,
     settings: TrainSettings,
     optimizer_kind: str = "adamw",
     seed: int = 0,
@@ -234,7 +237,7 @@ def train_local(
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, num_labels: int) -> EvalResult:
+def evaluate(model: torch.nn.Module, loader: Loader, num_labels: int) -> EvalResult:
     """Loss, accuracy and macro-F1 of a sequence classifier over ``loader``."""
     device = next(model.parameters()).device
     was_training = model.training

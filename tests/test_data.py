@@ -121,6 +121,42 @@ def test_a_split_collated_once_gives_the_collators_batches_in_the_loaders_order(
     assert PaddedRows.build(data.select([]), make_collator(tokenizer)) is None
 
 
+def test_row_batches_draw_what_the_data_loader_draws(monkeypatch):
+    """``RowBatches`` (what ``make_loader`` gives for a split collated once) yields the ``DataLoader``'s
+    batches in its order from the same generator: every size from 1 to 29 (short last batches included),
+    three batch sizes, shuffled and in order, three whole passes then a cut one; a ``RowBatches`` that skipped
+    one of the loader's generator draws is caught by the check that guards it."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from fedlowrank import data as data_module
+    from fedlowrank.data import PaddedRows, RowBatches, row_batches_match_loader
+
+    for count in range(1, 30):
+        rows = PaddedRows({"labels": torch.arange(count)}, torch.ones(count, dtype=torch.long))
+        for batch_size, shuffle in ((1, True), (3, True), (8, True), (4, False)):
+            seed = 31 * count + batch_size
+            ours = make_loader(rows, None, batch_size, shuffle, seed=seed, rows=rows)
+            assert isinstance(ours, RowBatches)
+            reference = DataLoader(
+                rows, batch_size, shuffle=shuffle, collate_fn=rows.batch, generator=torch.Generator().manual_seed(seed)
+            )
+            assert len(ours) == len(reference)
+            for _ in range(3):
+                assert [b["labels"].tolist() for b in ours] == [b["labels"].tolist() for b in reference]
+            assert torch.equal(next(iter(ours))["labels"], next(iter(reference))["labels"])
+            assert torch.equal(next(iter(ours))["labels"], next(iter(reference))["labels"])
+    with pytest.raises(ValueError, match="batch_size"):
+        RowBatches(rows, 0, True, torch.Generator())
+
+    def without_the_remainder_draw(self):
+        yield from torch.randperm(len(self.dataset), generator=self.generator).tolist()
+
+    assert row_batches_match_loader()
+    monkeypatch.setattr(data_module.RowBatches, "_order", without_the_remainder_draw)
+    assert not row_batches_match_loader.__wrapped__()
+
+
 def test_quantity_skew_gives_hundreds_of_clients_uneven_sizes_every_one_some_data(trec):
     """512 clients over 4,096 questions: the label-skew Dirichlet gives up (some client stays empty), quantity
     skew gives every client at least its minimum, sizes spread by α, labels IID, and every example used once."""

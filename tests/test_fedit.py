@@ -119,3 +119,49 @@ def test_record_round_trip_reads_what_flower_reads():
         assert record[key].object_id == reference.object_id and record[key].is_dirty == reference.is_dirty, key
     back["a"].add_(1.0)  # writable, and a copy: the record is unchanged
     assert torch.equal(record_to_state(record)["a"], state["a"])
+
+
+def test_record_is_the_one_flower_fills_key_by_key():
+    """``state_to_record`` fills the record's items at once: the record equals one Flower fills key by key
+    (items in sorted order, dirty flag, content id, bytes counted), survives Flower's serialization, and a
+    non-text key is refused as Flower's own check refuses it."""
+    from flwr.app import Array, ArrayRecord
+
+    from fedlowrank.protocol import flower as wire
+
+    assert wire._FILLS_FAITHFULLY  # the installed Flower is the one the direct fill matches
+    state = {"z.lora_B": torch.randn(4, 2), "a.lora_A": torch.randn(2, 4), "m.bias": torch.randn(3).double()}
+    record = state_to_record(state)
+    reference = ArrayRecord()
+    for key in sorted(state):
+        reference[key] = Array(state[key].numpy())
+    assert list(record.keys()) == sorted(state) and record == reference
+    assert record.is_dirty and record.count_bytes() == reference.count_bytes()
+    assert record.object_id == reference.object_id and not record.is_dirty  # deflating clears it, as for Flower's
+    record["extra"] = Array(torch.ones(2).numpy())  # still a working ArrayRecord: adding marks it dirty again
+    assert record.is_dirty and record.object_id != reference.object_id
+    message = Message(RecordDict({"arrays": state_to_record(state)}), dst_node_id=1, message_type="train")
+    assert message.content["arrays"].object_id == reference.object_id
+    with pytest.raises(TypeError, match="text"):
+        state_to_record({0: torch.ones(1)})
+
+
+def test_reply_metrics_are_the_record_flower_builds_and_odd_values_take_flowers_checks():
+    """A reply's metrics fill their record directly where every value is a plain int or float: the record
+    equals Flower's own (items, content id); a numpy scalar goes through Flower's constructor (which accepts
+    it), a bool is refused by Flower's check as before."""
+    import numpy as np
+    from flwr.app import MetricRecord
+
+    from fedlowrank.protocol import flower as wire
+
+    reply = TrainReply(
+        partition_id=3, num_examples=8, state={"a": torch.ones(2)}, train_loss=0.25, num_steps=1, train_time=0.5
+    )
+    metrics = encode_reply(reply)["metrics"]
+    plain = {key: value for key, value in metrics.items()}
+    assert metrics == MetricRecord(plain) and metrics.object_id == MetricRecord(plain).object_id
+    numpy_scalar = wire._metric_record({"loss": np.float64(0.5), "n": 2})
+    assert numpy_scalar == MetricRecord({"loss": np.float64(0.5), "n": 2})
+    with pytest.raises(TypeError, match="valid type"):
+        wire._metric_record({"refused": True})

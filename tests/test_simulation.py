@@ -193,11 +193,15 @@ def test_a_workspace_cuts_each_clients_examples_from_the_training_set_tokenized_
             alone = tokenize(rows, workspace.tokenizer, "text", "label", config.data.max_length)
             cut = workspace._tokenized_split(name, pid, rows)
             assert len(cut) == len(rows) and cut.to_dict() == alone.to_dict()
+    assert get_workspace(config) is workspace and get_workspace(tiny_config()) is workspace  # equal settings
+    assert get_workspace(tiny_config(**{"num-rounds": 7})) is workspace  # what is loaded does not depend on it
     old_model = weakref.ref(workspace.model)
     del workspace, split, rows, alone, cut
-    get_workspace(tiny_config(**{"lora.r": 2}))  # another adapter: a new workspace replaces the old one
+    config.lora.r = 2  # changed in place: another adapter, so a new workspace replaces the old one
+    replacing = get_workspace(config)
     gc.collect()
-    assert old_model() is None
+    assert old_model() is None and replacing.config.lora.r == 2
+    assert get_workspace(config) is replacing
 
 
 def test_loading_the_same_broadcast_again_writes_nothing_until_the_adapter_is_written(tiny_config):
@@ -225,6 +229,16 @@ def test_loading_the_same_broadcast_again_writes_nothing_until_the_adapter_is_wr
     assert all(torch.equal(adapter_state(workspace.model)[k], broadcast[k]) for k in broadcast)
     workspace.load_global({k: v.clone() for k, v in broadcast.items()})  # another object: loaded again
     assert [p._version for p in live] != versions
+    snapshot = workspace.adapter_snapshot()
+    owner, name = next((m, n) for m in workspace.model.modules() for n, p in m._parameters.items() if p is live[0])
+    setattr(owner, name, torch.nn.Parameter(live[0].detach().clone()))  # replaced, not written: a new tensor
+    assert workspace.adapter_snapshot() is not snapshot
+    setattr(owner, name, live[0])
+    snapshot = workspace.adapter_snapshot()
+    base = next(iter(workspace.base_weights))
+    with torch.no_grad():
+        workspace.model.get_submodule(base).base_layer.weight.mul_(1.0)  # a frozen weight written (FedEx's fold)
+    assert workspace.adapter_snapshot() is not snapshot
     workspace.load_global(workspace.initial_state)
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from peft import PeftModel
@@ -36,7 +37,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from fedlowrank.config import TrainSettings
 from fedlowrank.kernels import multi_lora, per_sample_lora_grads, uses_triton
@@ -53,12 +54,15 @@ from fedlowrank.training import (
     split_by_length,
 )
 
+if TYPE_CHECKING:  # fedlowrank.data needs datasets, which a bare GPU machine lacks
+    from fedlowrank.data import Loader
+
 
 @dataclass
 class PlainData:
     """A client's examples in its own order (its own seeded loader): plain training."""
 
-    loader: DataLoader
+    loader: Loader
 
 
 @dataclass
