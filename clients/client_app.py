@@ -16,9 +16,18 @@ from flwr.clientapp import ClientApp
 
 from clients.cohort import member_contexts, node_cohort
 from clients.node import ClientNode, resolve_config
-from clients.trainers import LocalResult, PreparedRound, engine_max_tokens, train_one, trainer_for
+from clients.trainers import (
+    ClientDivergedError,
+    LocalResult,
+    LoRATrainer,
+    PreparedRound,
+    engine_max_tokens,
+    train_one,
+    trainer_for,
+)
 from fedlowrank.checkpoint import crash_point
 from fedlowrank.config import RunConfig
+from fedlowrank.factors import all_finite
 from fedlowrank.protocol import EvaluateReply, Refusal, TrainInstruction, TrainReply
 from fedlowrank.protocol import flower as wire
 
@@ -56,11 +65,11 @@ def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
         config = resolve_config(context, bound_config)
         members = member_contexts(context, clients, config)
         size = config.engine_wave_size or len(members)
-        replies: list[TrainReply | Refusal] = []
+        replies: list[TrainReply | Refusal | ClientDivergedError] = []
         for start in range(0, len(members), size):
             wave = members[start : start + size]
             replies += train_together([instruction] * len(wave), wave, bound_config)
-        encoded: dict[int, RecordDict | str] = {c: wire.encode_reply(r) for c, r in zip(clients, replies, strict=True)}
+        encoded = {client: _cohort_reply(reply) for client, reply in zip(clients, replies, strict=True)}
         return Message(wire.encode_cohort_replies(encoded, time.perf_counter() - started), reply_to=message)
 
     @app.evaluate(wire.COHORT)
@@ -111,18 +120,27 @@ def train_batch(messages: list[Message], contexts: list[Context], bound: RunConf
         if id(message.content) not in decoded:
             decoded[id(message.content)] = wire.decode_train_instruction(message.content)
     replies = train_together([decoded[id(m.content)] for m in messages], contexts, bound)
-    return [Message(wire.encode_reply(r), reply_to=m) for m, r in zip(messages, replies, strict=True)]
+    return [
+        wire.error_reply(m, r) if isinstance(r, ClientDivergedError) else Message(wire.encode_reply(r), reply_to=m)
+        for m, r in zip(messages, replies, strict=True)
+    ]
+
+
+def _cohort_reply(reply: TrainReply | Refusal | ClientDivergedError) -> RecordDict | str:
+    """A cohort member's reply in the node's message: its records, or why it failed (as an error reply says)."""
+    return f"{type(reply).__name__}: {reply}" if isinstance(reply, ClientDivergedError) else wire.encode_reply(reply)
 
 
 def train_together(
     instructions: list[TrainInstruction], contexts: list[Context], bound: RunConfig | None
-) -> list[TrainReply | Refusal]:
+) -> list[TrainReply | Refusal | ClientDivergedError]:
     """Train several clients' instructions together on the shared base (``fedlowrank.engine``): the replies
-    are the ones ``train`` would give (refusals included). Rounds whose trainer the engine cannot batch
-    (GaLore, federated GaLore) go one by one."""
+    are the ones ``train`` would give (refusals included), and a client that diverged fails alone, as it would
+    training alone (its ``ClientDivergedError`` in its place; the others' replies stand). Rounds whose trainer
+    the engine cannot batch (GaLore, federated GaLore) go one by one."""
     from fedlowrank.engine import ClientJob, train_batched
 
-    replies: dict[int, TrainReply | Refusal] = {}
+    replies: dict[int, TrainReply | Refusal | ClientDivergedError] = {}
     prepared: dict[int, PreparedRound] = {}
     jobs: dict[int, ClientJob] = {}
     trainer = None
@@ -136,7 +154,7 @@ def train_together(
         data = trainer.engine_data(outcome)
         if data is None:  # not batchable: this client trains now, alone
             started = time.perf_counter()
-            replies[index] = trainer.finish(outcome, trainer.run(outcome), time.perf_counter() - started)
+            replies[index] = _finished(trainer, outcome, trainer.run(outcome), time.perf_counter() - started)
             continue
         # the start state, on the CPU until its wave is stacked on the device (shared by clients that start alike)
         jobs[index] = ClientJob(outcome.node.workspace.adapter_snapshot(), data, outcome.seed)
@@ -153,9 +171,20 @@ def train_together(
             engine_max_tokens(config),
         )
         elapsed = (time.perf_counter() - started) / len(jobs)  # the wave's time, shared out
+        finite = all_finite(tensor for state, _ in trained for tensor in state.values())  # one check, whole wave
         for index, (state, result) in zip(jobs, trained, strict=True):
-            replies[index] = trainer.finish(prepared[index], LocalResult(state, result), elapsed)  # type: ignore[union-attr]
+            local = LocalResult(state, result, state_finite=finite)
+            replies[index] = _finished(trainer, prepared[index], local, elapsed)  # type: ignore[arg-type]
     return [replies[index] for index in range(len(instructions))]
+
+
+def _finished(
+    trainer: LoRATrainer, prepared: PreparedRound, local: LocalResult, elapsed: float
+) -> TrainReply | ClientDivergedError:
+    try:
+        return trainer.finish(prepared, local, elapsed)
+    except ClientDivergedError as exc:  # this client sends nothing and keeps nothing; the wave goes on
+        return exc
 
 
 app = make_client_app()

@@ -68,6 +68,7 @@ class LocalResult:
     state: dict[str, torch.Tensor]  # the trained adapter
     result: Any  # TrainResult, or DPTrainResult
     uploads: dict[str, torch.Tensor] = field(default_factory=dict)  # beyond the adapter (projected updates)
+    state_finite: bool = False  # ``state`` is known finite: a batched wave checks all its clients at once
 
 
 class ClientDivergedError(RuntimeError):
@@ -75,8 +76,7 @@ class ClientDivergedError(RuntimeError):
 
 
 def check_converged(local: LocalResult) -> None:
-    tensors = {**local.state, **local.uploads}
-    bad = non_finite_keys(tensors)
+    bad = non_finite_keys(local.uploads if local.state_finite else {**local.state, **local.uploads})
     if bad or not math.isfinite(local.result.loss):
         raise ClientDivergedError(
             f"local training diverged (loss {local.result.loss}, {len(bad)} non-finite tensor(s)): nothing is "

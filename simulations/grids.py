@@ -9,20 +9,20 @@ under ``flwr run`` and on real SuperNodes.
 from __future__ import annotations
 
 import random
-import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 from uuid import uuid4
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import train_batch
 from fedlowrank.config import RunConfig
+from fedlowrank.protocol.flower import error_reply
 
 
 def adopt_server_identity(run_id: int = 1) -> None:
@@ -30,12 +30,6 @@ def adopt_server_identity(run_id: int = 1) -> None:
     ServerApp runs; the in-process grids run no runtime, so they set it (the one Flower internal this project
     touches; tests/test_layering.py fails loudly if Flower renames it)."""
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
-
-
-def error_reply(message: Message, exc: Exception) -> Message:
-    """What Flower makes of a ClientApp that raised: an error reply with the reason."""
-    reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
 
 class NodeContexts(Mapping[int, Context]):

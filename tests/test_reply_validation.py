@@ -171,3 +171,24 @@ def test_non_finite_keys_names_every_bad_tensor_whatever_the_dtypes():
     assert non_finite_keys(finite) == [] and non_finite_keys({}) == []
     bad = {**finite, "c": torch.tensor([1.0, float("nan")]), "d": torch.tensor([float("-inf")], dtype=torch.float64)}
     assert non_finite_keys(bad) == ["c", "d"]
+
+
+def test_finiteness_is_checked_through_shared_copies_and_exactly_per_tensor():
+    """``all_finite`` checks views through the tensor they view (a batched wave's states are rows of a few
+    copies), once; a NaN anywhere in that tensor says "not all finite", and ``non_finite_keys`` then names
+    exactly the tensors that hold one: not a row whose neighbour does."""
+    from fedlowrank.factors import all_finite, non_finite_keys
+
+    stacked = torch.randn(4, 3, 5)
+    rows = dict(zip("abcd", stacked.unbind(0), strict=True))
+    assert all_finite(rows.values()) and non_finite_keys(rows) == []
+    stacked[2, 1, 4] = float("nan")
+    assert not all_finite(rows.values()) and non_finite_keys(rows) == ["c"]
+    first_two = {key: rows[key] for key in "ab"}  # their copy holds a NaN, they do not
+    assert not all_finite(first_two.values()) and non_finite_keys(first_two) == []
+    mixed = {
+        "x": torch.ones(2, dtype=torch.float64),
+        "y": torch.tensor([1.0, -math.inf]),
+        "z": torch.ones(3).bfloat16(),
+    }
+    assert non_finite_keys(mixed) == ["y"] and all_finite([]) and all_finite([torch.arange(3)])

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import io
 import math
+import traceback
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 
 from fedlowrank.protocol.messages import (
     EvaluateInstruction,
@@ -300,6 +302,13 @@ def encode_reply(reply: TrainReply | Refusal | EvaluateReply) -> RecordDict:
     if reply.a_checksum is not None:
         content[CLIENT_INFO] = ConfigRecord({A_CHECKSUM: reply.a_checksum})
     return content
+
+
+def error_reply(message: Message, exc: BaseException) -> Message:
+    """What Flower makes of a ClientApp that raised: an error reply with the reason and where it arose."""
+    trace = "".join(traceback.format_exception(exc, limit=3))
+    reason = f"{type(exc).__name__}: {exc}\n{trace}"
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
 
 def decode_train_reply(content: RecordDict) -> TrainReply | Refusal:
