@@ -12,6 +12,11 @@ uneven sizes). Modes, each in its own process so that nothing is shared between 
 - ``batched``     — the same apps in process through ``BatchedGrid`` (``engine = "batched"``);
 - ``sequential``  — the same apps in process, one ClientApp call after another (``InProcessGrid``);
 - ``centralized`` — one adapter trained on the same examples, batch K·b (the hardware limit);
+- ``paired``      — ``batched`` and ``centralized`` in one process, measured in turn: after each federated
+                    round the limit's pass on the same examples (the faster of its two forms, chosen after
+                    round 1), so that a drift of the machine's speed, which moves separate processes' times by
+                    up to 50 % here, hits both sides of each ratio alike; its ratio is the median over the
+                    round pairs (``paired_ratio_to_limit``). Not in the default modes;
 - ``cohorts``     — past one process: the same apps under Flower's simulation engine with ``--nodes`` cohort
                     nodes (``cohort-nodes``), each a process with cores/nodes threads hosting its share of the K
                     clients and training its sampled ones with the batched engine. Not in the default modes:
@@ -54,11 +59,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = ("flower", "batched", "sequential", "centralized", "cohorts", "ceiling")
+MODES = ("flower", "batched", "sequential", "centralized", "cohorts", "ceiling", "paired")
 DEFAULT_MODES = MODES[:4]
 SIZES = ("equal", "uneven", "uneven-steps")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -120,7 +126,7 @@ def run_config(args: argparse.Namespace, mode: str, clients: int, sizes: str, ou
         "fraction-evaluate": 0.0,
         "server-eval-every": 10_000,  # evaluation only after the last round, outside the timed phase
         "device": args.device,
-        "engine": "batched" if mode == "batched" else "sequential",
+        "engine": "batched" if mode in ("batched", "paired") else "sequential",
         "cohort-nodes": args.nodes if mode == "cohorts" else 0,
         "engine-max-tokens": args.max_tokens,
         "data.partitioner": "iid" if sizes == "equal" else "quantity-skew",
@@ -226,6 +232,8 @@ def worker(args: argparse.Namespace) -> dict:
         extra: dict = {}
         if args.worker == "centralized":
             seconds, examples, extra = centralized(config, args)
+        elif args.worker == "paired":
+            seconds, examples, extra = paired(config)
         elif args.worker == "ceiling":
             seconds, examples = engine_alone(config, args)
         elif args.worker in ("flower", "cohorts"):
@@ -262,14 +270,14 @@ def worker(args: argparse.Namespace) -> dict:
     return {"seconds": seconds, "examples": examples, "examples_per_s": examples / seconds, **extra, **memory.as_dict()}
 
 
-def centralized(config, args: argparse.Namespace) -> tuple[float, int, dict]:
-    """One adapter on the clients' pooled examples, batch K·b, as many examples as one federated round: the
-    faster of plain ``train_local`` and the same batches in the batched engine's length-sorted chunks."""
+def limit_passes(config) -> tuple[dict[str, Callable[[], None]], int]:
+    """One adapter on the clients' pooled examples, batch K·b, as many examples as one federated round, in two
+    forms: plain ``train_local`` and the same batches in the batched engine's length-sorted chunks. Returns
+    the two passes and the examples one pass trains."""
     import dataclasses
 
-    import torch
-
     from fedlowrank.adapters import load_adapter_state
+    from fedlowrank.engine import ClientJob, PlainData, train_batched
     from fedlowrank.runtime import get_workspace
     from fedlowrank.training import train_local
 
@@ -280,7 +288,7 @@ def centralized(config, args: argparse.Namespace) -> tuple[float, int, dict]:
     pooled.local_steps = max(1, -(-examples // pooled.batch_size))
     workspace.config = dataclasses.replace(config, train=pooled)  # its train loader batches K·b
     loader = workspace.train_loader(seed=0)
-    from fedlowrank.engine import ClientJob, PlainData, train_batched
+    workspace.config = config
 
     def plain() -> None:  # train_local: each batch of K·b padded to its longest example
         load_adapter_state(workspace.model, workspace.initial_state)
@@ -290,18 +298,59 @@ def centralized(config, args: argparse.Namespace) -> tuple[float, int, dict]:
         job = ClientJob(workspace.initial_state, PlainData(loader), 0)
         train_batched(workspace.model, [job], pooled, max_tokens=resolved_max_tokens(config))
 
+    return {"plain": plain, "chunked": chunked}, min(examples, pooled.local_steps * pooled.batch_size)
+
+
+def timed(fn: Callable[[], None]) -> float:
+    import torch
+
+    started = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def centralized(config, args: argparse.Namespace) -> tuple[float, int, dict]:
+    """The limit's time: the faster of its two forms (``limit_passes``), each the median of passes 2..R."""
+    passes, processed = limit_passes(config)
     best = {}
-    for name, fn in (("plain", plain), ("chunked", chunked)):
-        times = []
-        for _ in range(args.rounds):
-            started = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - started)
+    for name, fn in passes.items():
+        times = [timed(fn) for _ in range(args.rounds)]
         best[name] = statistics.median(times[1:] if len(times) > 1 else times)  # the first pass warms up
-    processed = min(examples, pooled.local_steps * pooled.batch_size)
     return min(best.values()), processed, {f"centralized_{k}_examples_per_s": processed / v for k, v in best.items()}
+
+
+def paired(config) -> tuple[float, int, dict]:
+    """A batched federated run with the limit's pass after each round (``limit_passes``, both forms after round 1,
+    the faster one after rounds 2..R): per round pair, federated rate ÷ limit rate on the same examples."""
+    from fedlowrank.progress import Reporter
+    from simulations.run import run_inprocess
+
+    passes, processed = limit_passes(config)
+
+    class LimitBetweenRounds(Reporter):
+        def __init__(self) -> None:
+            self.pairs: list[tuple[float, float]] = []
+            self.chosen = ""
+
+        def round_finished(self, row: dict) -> None:
+            if row["round"] == 1:  # warm-up: both forms once, the faster one from then on
+                self.chosen = min(passes, key=lambda name: timed(passes[name]))
+            else:
+                self.pairs.append((row["train_round_time"], timed(passes[self.chosen])))
+
+    reporter = LimitBetweenRounds()
+    run_inprocess(config, reporter)
+    seconds, examples, extra = federated_round_time(config)
+    ratios = [(examples / federated) / (processed / limit) for federated, limit in reporter.pairs]
+    extra.update(
+        paired_ratio_to_limit=statistics.median(ratios),
+        paired_ratios=ratios,
+        limit_form=reporter.chosen,
+        limit_examples_per_s=processed / statistics.median(limit for _, limit in reporter.pairs),
+    )
+    return seconds, examples, extra
 
 
 def engine_alone(config, args: argparse.Namespace) -> tuple[float, int]:
@@ -467,17 +516,23 @@ def main() -> None:
                 row["ratio_to_limit"] = rate["batched"] / rate["centralized"]
                 paired = zip(repeats["batched"], repeats["centralized"], strict=True)  # run one after the other
                 row["ratio_to_limit_repeats"] = [b["examples_per_s"] / c["examples_per_s"] for b, c in paired]
+            if rate.get("paired"):
+                ratios = [ratio for run in repeats["paired"] for ratio in run["paired_ratios"]]
+                row["paired_ratio_to_limit"] = statistics.median(ratios)
+                row["paired_ratio_to_limit_repeats"] = [run["paired_ratio_to_limit"] for run in repeats["paired"]]
+                row["paired_ratio_to_limit_range"] = [min(ratios), max(ratios)]
             if rate.get("batched") and rate.get("flower"):
                 row["speedup_vs_flower"] = rate["batched"] / rate["flower"]
             if rate.get("batched") and rate.get("sequential"):
                 row["speedup_vs_sequential"] = rate["batched"] / rate["sequential"]
             rows.append(row)
+            limit_ratio = row.get("ratio_to_limit", row.get("paired_ratio_to_limit", float("nan")))
             cells = " ".join(f"{rate[m]:16.1f}" if rate[m] else f"{'failed':>16}" for m in modes)
             memory = "/".join(
                 f"{row[m].get('peak_ram_mb', float('nan')):.0f}" for m in ("batched", "flower") if m in row
             )
             print(
-                f"{args.model:7} {sizes:12} {clients:4d} {cells} {row.get('ratio_to_limit', float('nan')):14.2f} "
+                f"{args.model:7} {sizes:12} {clients:4d} {cells} {limit_ratio:14.2f} "
                 f"{row.get('speedup_vs_flower', float('nan')):15.2f} {memory:>15}",
                 flush=True,
             )
@@ -493,6 +548,13 @@ def main() -> None:
     path.write_text(json.dumps({"device": device_name, "command": sys.argv, "rows": rows}, indent=2))
     print(f"wrote {path}")
     for row in rows:  # the targets' summary lines, last
+        if "paired_ratio_to_limit" in row:
+            spread = ", ".join(f"{r:.2f}" for r in row["paired_ratio_to_limit_repeats"])
+            low, high = row["paired_ratio_to_limit_range"]
+            print(
+                f"paired_ratio_to_limit {row['model']} {row['sizes']} K={row['clients']}: "
+                f"{row['paired_ratio_to_limit']:.2f} (repeats: {spread}; round pairs {low:.2f}-{high:.2f})"
+            )
         if row["sizes"] != "equal":
             continue
         if on_gpu:
