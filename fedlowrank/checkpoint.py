@@ -48,10 +48,19 @@ def write_atomic(path: Path, write: Any, label: str = "") -> None:
         os.close(directory)
 
 
+def savable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` as safetensors writes them: on the CPU, contiguous, each in memory of its own (views, such
+    as rows of one stacked tensor read from a round's replies, share their owner's memory, which it refuses)."""
+    out = {}
+    for key, value in tensors.items():
+        value = value.detach().to("cpu").contiguous()
+        out[key] = value.clone() if value._base is not None else value
+    return out
+
+
 def save_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any], label: str = "") -> None:
     def write(target: Path) -> None:
-        contiguous = {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
-        save_file(contiguous, str(target), metadata={_META_KEY: json.dumps(meta)})
+        save_file(savable(tensors), str(target), metadata={_META_KEY: json.dumps(meta)})
 
     write_atomic(Path(run_dir) / CHECKPOINT, write, label)
 

@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedlowrank.checkpoint import write_atomic
+from fedlowrank.checkpoint import savable, write_atomic
 
 _VERSIONED = re.compile(r"^(?P<name>.+)@(?P<round>\d+)$")
 
@@ -65,7 +65,7 @@ class DiskStateStore:
 
     def save(self, client: str, name: str, tensors: dict[str, torch.Tensor], version: int) -> None:
         folder = self.root / str(client)
-        contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        contiguous = savable(tensors)
         target = folder / f"{versioned(name, version)}.safetensors"
         write_atomic(target, lambda partial: save_file(contiguous, str(partial)))
         for old in stale(self._entries(client), name, version):

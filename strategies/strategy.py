@@ -325,15 +325,16 @@ class LoRAStrategy(Strategy):
         decoded: list[TrainReply | Refusal] = []
         accepted: list[TrainReply] = []
         failed, rejected = _unanswered(sent, replies), {}
+        answered = [message for message in replies if not message.has_error()]
+        read = dict(zip(map(id, answered), wire.decode_train_replies([m.content for m in answered]), strict=True))
         for message in replies:
             node = f"node-{message.metadata.src_node_id}"
             if message.has_error():
                 failed[node] = _first_line(message.error.reason)
                 continue
-            try:
-                reply = wire.decode_train_reply(message.content)
-            except MalformedMessage as exc:
-                rejected[node] = f"malformed reply: {exc}"
+            reply = read[id(message)]
+            if isinstance(reply, MalformedMessage):
+                rejected[node] = f"malformed reply: {reply}"
                 continue
             decoded.append(reply)
             if isinstance(reply, Refusal):

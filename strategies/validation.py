@@ -84,6 +84,8 @@ class ReplyValidator:
         return None
 
     def _values(self, reply: TrainReply, global_state: dict[str, torch.Tensor]) -> str | None:
+        if reply.state_finite:  # checked as the round's replies were read
+            return None
         bad = non_finite_keys(reply.state)
         return f"{len(bad)} tensor(s) hold NaN or infinite values (e.g. {bad[0]})" if bad else None
 

@@ -192,3 +192,50 @@ def test_finiteness_is_checked_through_shared_copies_and_exactly_per_tensor():
         "z": torch.ones(3).bfloat16(),
     }
     assert non_finite_keys(mixed) == ["y"] and all_finite([]) and all_finite([torch.arange(3)])
+
+
+def test_a_rounds_replies_read_together_are_each_what_it_reads_alone(tmp_path):
+    """``decode_train_replies`` reads a round's tensors into stacked copies: each reply is exactly what
+    ``decode_train_reply`` gives (tensors, fields), a malformed one gives its error in its place, a reply with
+    a NaN is the one marked not finite (and the validator rejects it), arrays the fast path does not take
+    (Fortran order, other shapes) read alone, and the rows save to a checkpoint like any tensors."""
+    from fedlowrank.checkpoint import load_checkpoint, save_checkpoint
+    from fedlowrank.protocol import Refusal
+
+    generator = torch.Generator().manual_seed(3)
+    strategy = _strategy("fedit", _initial_state(generator))
+    goods = [_good(strategy, pid, generator) for pid in range(5)]
+    contents = [wire.encode_reply(reply) for reply in goods]
+    key = sorted(goods[0].state)[0]
+    with_nan = TrainReply(**{**goods[1].__dict__, "state": {**goods[1].state, key: goods[1].state[key].clone()}})
+    with_nan.state[key].view(-1)[0] = math.nan
+    contents[1] = wire.encode_reply(with_nan)
+    fortran = np.asfortranarray(goods[2].state[key].numpy())
+    contents[2][wire.ARRAYS][key] = Array(fortran)  # Flower's reader: not the stacked pass
+    contents[3][wire.ARRAYS][key] = Array(dtype="float32", shape=(2, 2), stype="numpy.ndarray", data=b"\x93NUMPY")
+    contents.append(wire.encode_reply(Refusal(7, "budget spent", 3.0)))
+    together = wire.decode_train_replies(contents)
+    for content, read in zip(contents, together, strict=True):
+        try:
+            alone = wire.decode_train_reply(content)
+        except wire.MalformedMessage as exc:
+            assert isinstance(read, wire.MalformedMessage) and str(read) == str(exc)
+            continue
+        if isinstance(alone, Refusal):
+            assert read == alone
+            continue
+        assert {k: v for k, v in vars(read).items() if k not in ("state", "state_finite")} == {
+            k: v for k, v in vars(alone).items() if k not in ("state", "state_finite")
+        }
+        assert sorted(read.state) == sorted(alone.state)
+        for k, value in alone.state.items():
+            torch.testing.assert_close(read.state[k], value, rtol=0, atol=0, equal_nan=True)
+    assert isinstance(together[3], wire.MalformedMessage)
+    assert [r.state_finite for r in together if isinstance(r, TrainReply)] == [True, False, True, True]
+    assert strategy.validator.reason(together[1], strategy.global_state).startswith("1 tensor(s) hold NaN")
+    assert all(strategy.validator.reason(together[i], strategy.global_state) is None for i in (0, 2, 4))
+    rows = {f"{i}/{k}": v for i in (0, 4) for k, v in together[i].state.items()}
+    assert rows[f"0/{key}"]._base is rows[f"4/{key}"]._base is not None  # rows of one stacked copy
+    save_checkpoint(tmp_path, rows, {"round": 1})
+    loaded, _ = load_checkpoint(tmp_path)
+    assert all(torch.equal(loaded[k], v) for k, v in rows.items())

@@ -7,6 +7,7 @@ precision). Keys are sorted: Flower's DP wrappers pair reply and broadcast array
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import traceback
@@ -207,26 +208,106 @@ def _wire_dtype(tensor: torch.Tensor) -> torch.dtype:
 
 def _array_to_tensor(array: Array) -> torch.Tensor:
     """Flower's ``Array.numpy()`` re-parses the .npy header with ``np.load`` (≈0.15 ms per array, most of a
-    round's record handling with hundreds of clients); read the payload after the header directly. Anything
-    unusual (Fortran order, another serialization, a size mismatch) goes through Flower's own reader, and
-    what that cannot read either is a malformed message."""
-    data = array.data
+    round's record handling with hundreds of clients); read the payload after the header directly
+    (``_npy_header_size``). Anything unusual (Fortran order, another serialization, a size mismatch) goes through
+    Flower's own reader, and what that cannot read either is a malformed message."""
+    header = _npy_header_size(array)
     try:
-        dtype = np.dtype(array.dtype)
-        if dtype.kind not in NUMERIC_KINDS:  # object arrays would need pickle: never
-            raise MalformedMessage(f"arrays of dtype {array.dtype!r} are not accepted (numbers only)")
-        if array.stype == "numpy.ndarray" and data[:6] == b"\x93NUMPY" and data[6] in (1, 2, 3):
-            size_bytes = 2 if data[6] == 1 else 4
-            start = 8 + size_bytes + int.from_bytes(data[8 : 8 + size_bytes], "little")
-            fits = len(data) - start == math.prod(array.shape) * dtype.itemsize
-            if b"'fortran_order': False" in data[:start] and fits:
-                flat = np.frombuffer(data, dtype=dtype, offset=start)
-                return torch.from_numpy(flat.reshape(array.shape).copy())
+        if header is not None:
+            values = np.frombuffer(array.data, dtype=_numeric_dtype(array.dtype), offset=header)
+            return torch.from_numpy(values.reshape(array.shape).copy())
         return torch.from_numpy(np.array(array.numpy(), copy=True))  # Flower's reader (never unpickles)
-    except MalformedMessage:
-        raise
     except Exception as exc:  # truncated payloads, unknown dtypes: say so instead of crashing the round
         raise MalformedMessage(f"unreadable array ({type(exc).__name__}: {exc})") from exc
+
+
+# (dtype, shape) -> the C-order .npy header an array of them was last sent with, and its payload's size
+_C_ORDER_HEADERS: dict[tuple[str, tuple[int, ...]], tuple[bytes, int]] = {}
+
+
+@functools.lru_cache(maxsize=64)
+def _numeric_dtype(name: str) -> np.dtype:
+    try:
+        dtype = np.dtype(name)
+    except Exception as exc:
+        raise MalformedMessage(f"unreadable array (unknown dtype {name!r}: {exc})") from exc
+    if dtype.kind not in NUMERIC_KINDS:  # object arrays would need pickle: never
+        raise MalformedMessage(f"arrays of dtype {name!r} are not accepted (numbers only)")
+    return dtype
+
+
+def _npy_header_size(array: Array) -> int | None:
+    """The size of a C-order .npy array's header, where exactly as many bytes as its shape and dtype say follow
+    it; None for anything else (Flower's reader then decides). Raises ``MalformedMessage`` for a
+    dtype that is not a number. A header seen before for the same dtype and shape is recognised by comparing
+    bytes (parsing each cost ≈5 µs an array, ten arrays a reply, hundreds of replies a round)."""
+    dtype = _numeric_dtype(array.dtype)
+    try:
+        data, shape = array.data, tuple(array.shape)
+        if array.stype != "numpy.ndarray":
+            return None
+        known = _C_ORDER_HEADERS.get((array.dtype, shape))
+        if known is not None and len(data) == len(known[0]) + known[1] and data.startswith(known[0]):
+            return len(known[0])
+        if data[:6] != b"\x93NUMPY" or data[6:7] not in (b"\x01", b"\x02", b"\x03"):
+            return None
+        size_bytes = 2 if data[6] == 1 else 4
+        start = 8 + size_bytes + int.from_bytes(data[8 : 8 + size_bytes], "little")
+        payload_size = math.prod(shape) * dtype.itemsize
+        if len(data) - start != payload_size or b"'fortran_order': False" not in data[:start]:
+            return None
+        if len(_C_ORDER_HEADERS) < 4096:  # one per dtype and shape in practice; bounded whatever is sent
+            _C_ORDER_HEADERS[(array.dtype, shape)] = (bytes(data[:start]), payload_size)
+        return start
+    except Exception as exc:  # a shape or payload of the wrong kind: malformed, not a crash
+        raise MalformedMessage(f"unreadable array ({type(exc).__name__}: {exc})") from exc
+
+
+def records_to_states(
+    records: list[ArrayRecord | None],
+) -> list[tuple[dict[str, torch.Tensor], bool] | MalformedMessage | None]:
+    """Each record's tensors (``record_to_state``) and whether all of them are finite; None where the record is
+    None, a ``MalformedMessage`` where it cannot be read. The arrays that share key, dtype and shape across the
+    records (a round's replies of one method) are read in one pass into one stacked tensor, each record's
+    tensor a row of it, and checked finite in the same pass. Why: reading each reply's tensors and checking
+    them finite one reply at a time cost 0.12-0.23 ms a reply, against 0.06-0.09 ms so (512 replies of ten
+    small tensors, 2-core CPU)."""
+    states: list[dict[str, torch.Tensor] | None] = [None if record is None else {} for record in records]
+    finite = [True] * len(records)
+    failed: dict[int, MalformedMessage] = {}
+    groups: dict[tuple[str, str, tuple[int, ...], int], list[tuple[int, bytes]]] = {}
+    for index, record in enumerate(records):
+        if record is None:
+            continue
+        try:
+            for key, array in record.items():
+                header = _npy_header_size(array)
+                if header is None:  # read alone, by Flower's reader
+                    tensor = states[index][key] = _array_to_tensor(array)  # type: ignore[index]
+                    finite[index] = finite[index] and bool(tensor.isfinite().all())
+                else:
+                    groups.setdefault((key, array.dtype, tuple(array.shape), header), []).append((index, array.data))
+        except MalformedMessage as exc:
+            failed[index] = exc
+    for (key, dtype, shape, header), members in groups.items():
+        members = [(index, data) for index, data in members if index not in failed]
+        if not members:
+            continue
+        # the records' whole arrays end to end, each one's values a row after its header: one copy of the rows
+        joined = np.frombuffer(b"".join(data for _, data in members), dtype=np.uint8)
+        values = joined.reshape(len(members), -1)[:, header:].copy().view(dtype).reshape(len(members), *shape)
+        if values.dtype.kind == "f":
+            rows_finite = np.isfinite(values.reshape(len(members), -1)).all(axis=1).tolist()
+        else:
+            rows_finite = [True] * len(members)
+        rows = torch.from_numpy(values).unbind(0)
+        for (index, _), tensor, row_finite in zip(members, rows, rows_finite, strict=True):
+            states[index][key] = tensor  # type: ignore[index]
+            finite[index] = finite[index] and row_finite
+    return [
+        failed[index] if index in failed else None if state is None else (state, finite[index])
+        for index, state in enumerate(states)
+    ]
 
 
 # ---- instructions --------------------------------------------------------------------------------------------
@@ -313,6 +394,27 @@ def error_reply(message: Message, exc: BaseException) -> Message:
 
 def decode_train_reply(content: RecordDict) -> TrainReply | Refusal:
     """A client's train reply; ``MalformedMessage`` says what is wrong with one that does not parse."""
+    return _train_reply(content, None)
+
+
+def decode_train_replies(contents: list[RecordDict]) -> list[TrainReply | Refusal | MalformedMessage]:
+    """A round's train replies, each as ``decode_train_reply`` gives it (a malformed one: its
+    ``MalformedMessage`` in its place), their tensors read together (``records_to_states``: each reply's
+    ``state_finite`` says whether its tensors were all finite)."""
+    states = records_to_states([_part(content, ARRAYS, ArrayRecord) for content in contents])
+    replies: list[TrainReply | Refusal | MalformedMessage] = []
+    for content, state in zip(contents, states, strict=True):
+        try:
+            replies.append(_train_reply(content, state))
+        except MalformedMessage as exc:
+            replies.append(exc)
+    return replies
+
+
+def _train_reply(
+    content: RecordDict, read: tuple[dict[str, torch.Tensor], bool] | MalformedMessage | None
+) -> TrainReply | Refusal:
+    """``read``: the reply's tensors already read (``records_to_states``); None: read them here."""
     metrics = _metrics(content)
     partition = _integer(metrics, PARTITION_ID)
     if float(metrics.get(REFUSED, 0)) > 0:
@@ -321,6 +423,9 @@ def decode_train_reply(content: RecordDict) -> TrainReply | Refusal:
     arrays = _part(content, ARRAYS, ArrayRecord)
     if arrays is None:
         raise MalformedMessage(f"a train reply needs an {ARRAYS!r} record")
+    if isinstance(read, MalformedMessage):
+        raise read
+    state, state_finite = read if read is not None else (record_to_state(arrays), False)
     privacy = None
     if EPSILON in metrics:
         values = {name: _number(metrics, wire) for name, wire in PRIVACY_FIELDS.items()}
@@ -331,7 +436,8 @@ def decode_train_reply(content: RecordDict) -> TrainReply | Refusal:
     return TrainReply(
         partition_id=partition,
         num_examples=_integer(metrics, NUM_EXAMPLES),
-        state=record_to_state(arrays),
+        state=state,
+        state_finite=state_finite,
         train_loss=_number(metrics, TRAIN_LOSS),
         num_steps=_integer(metrics, NUM_STEPS),
         train_time=_number(metrics, TRAIN_TIME),

@@ -141,6 +141,7 @@ class TrainReply:
     train_time: float
     privacy: PrivacyReport | None = None
     a_checksum: str | None = None  # when the spec asks for it
+    state_finite: bool = False  # ``state`` is known finite (checked as a round's replies were read together)
 
 
 @dataclass(frozen=True)
