@@ -633,6 +633,7 @@ class PaddedRows(TorchDataset):
 
     def __init__(self, tensors: dict[str, torch.Tensor], lengths: torch.Tensor) -> None:
         self.tensors, self.lengths = tensors, lengths
+        self._length_list = lengths.tolist()  # a batch's width in Python: 0.5 µs against 7 for a tensor max
 
     @classmethod
     def build(cls, dataset: Dataset, collator: Callable[[list[dict]], dict[str, torch.Tensor]]) -> PaddedRows | None:
@@ -656,8 +657,8 @@ class PaddedRows(TorchDataset):
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         rows = torch.as_tensor(indices, dtype=torch.long)
-        width = int(self.lengths[rows].max())
-        return {key: t[rows, :width] if t.dim() == 2 else t[rows] for key, t in self.tensors.items()}
+        width = max(map(self._length_list.__getitem__, indices))
+        return {key: t[rows, :width] if t.dim() == 2 else t.index_select(0, rows) for key, t in self.tensors.items()}
 
 
 class RowBatches:

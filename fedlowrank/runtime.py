@@ -291,11 +291,21 @@ def _freeze_long_lived(collect_first: bool) -> None:
     2-core CPU, several times a round with hundreds of clients); frozen, a round's collections see only what the
     round allocates (512 tiny clients: 3.8-4.3 s rounds against 4.5-5.4 s, back-to-back runs, not side by side).
     A replaced workspace's objects are unfrozen and collected first; everything is unfrozen at exit (extensions
-    that check for leaks at shutdown expect it)."""
+    that check for leaks at shutdown expect it).
+
+    The young generation is collected every ``YOUNG_GC_THRESHOLD`` allocations instead of every 700: a round of
+    512 tiny clients allocates ~45k containers (messages, records, state dicts), and at 700 the collector ran ~70
+    times a round, 15-45 ms of a 1.2 s round on a 2-core CPU, against ~5 ms at 20,000 (same process, alternating)."""
     if collect_first:
         gc.unfreeze()
         gc.collect()
     gc.freeze()
+    young, *older = gc.get_threshold()
+    if 0 < young < YOUNG_GC_THRESHOLD:  # 0: the collector is off; leave it so
+        gc.set_threshold(YOUNG_GC_THRESHOLD, *older)
+
+
+YOUNG_GC_THRESHOLD = 20_000
 
 
 atexit.register(gc.unfreeze)  # see _freeze_long_lived

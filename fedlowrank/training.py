@@ -68,9 +68,11 @@ def make_optimizer(
     model: torch.nn.Module | None = None,
     galore: GaLoreSettings | None = None,
     seed: int = 0,
+    fused: bool = False,
 ) -> torch.optim.Optimizer:
     """The optimizer for ``params``. ``kind = "galore"`` also needs ``model`` (parameter names decide what
-    is projected) and the ``[galore]`` settings (defaults when None)."""
+    is projected) and the ``[galore]`` settings (defaults when None). ``fused``: AdamW's fused kernel (one
+    pass over each tensor; the same update to within float rounding), for large stacked tensors."""
     if not params:
         raise ValueError("no trainable parameters: nothing to optimize")
     if kind == "galore":
@@ -80,7 +82,7 @@ def make_optimizer(
 
         return make_galore_optimizer(model, params, settings, galore or GaLoreSettings(), seed)
     if kind == "adamw":
-        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=fused or None)
     if kind == "sgd":
         return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     raise ValueError(f"unknown optimizer {kind!r}")

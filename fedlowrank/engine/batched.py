@@ -166,15 +166,28 @@ def _stack(jobs: list[ClientJob], key: str, requires_grad: bool, device: torch.d
 
 
 def _pad_and_concat(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Concatenate the clients' batches, padding token tensors to the longest sequence of the step."""
-    length = max(b["input_ids"].shape[1] for b in batches)
-    out: dict[str, list[torch.Tensor]] = {}
-    for batch in batches:
+    """Concatenate the clients' batches, padding token tensors to the longest sequence of the step: each batch is
+    copied once into its rows of the step's tensors (padding each one, then concatenating, copied every token
+    twice: 17 against 11 ms a step of 512 one-batch clients on a CPU)."""
+    counts = [next(iter(batch.values())).shape[0] for batch in batches]
+    length = max(batch["input_ids"].shape[1] for batch in batches)
+    total = sum(counts)
+    out = {
+        key: first.new_full((total, length), PAD_VALUES[key])
+        if first.dim() == 2 and key in PAD_VALUES
+        else first.new_empty((total, *first.shape[1:]))
+        for key, first in batches[0].items()
+    }
+    start = 0
+    for batch, count in zip(batches, counts, strict=True):
+        end = start + count
         for key, value in batch.items():
-            if value.dim() == 2 and key in PAD_VALUES and value.shape[1] < length:
-                value = nn.functional.pad(value, (0, length - value.shape[1]), value=PAD_VALUES[key])
-            out.setdefault(key, []).append(value)
-    return {key: torch.cat(values) for key, values in out.items()}
+            if value.dim() == 2 and key in PAD_VALUES:
+                out[key][start:end, : value.shape[1]] = value
+            else:
+                out[key][start:end] = value
+        start = end
+    return out
 
 
 def _add_grad_sample(param: torch.Tensor, grad_sample: torch.Tensor) -> None:
@@ -492,7 +505,9 @@ def train_batched(
     params = [t for stack in stacks.values() for t in stack.tensors.values() if isinstance(t, nn.Parameter)]
     if not params:
         raise ValueError("no trainable parameters: nothing to optimize")
-    optimizer = make_optimizer(params, settings, optimizer_kind)
+    # AdamW's fused kernel: the stacks hold K clients' rows, and the step per tensor ran 4.6x faster fused (512
+    # clients, 2-core CPU); elementwise like the others, so each row is still its own client's AdamW
+    optimizer = make_optimizer(params, settings, optimizer_kind, fused=True)
     rows = _Rows(stacks, optimizer, len(jobs))
     iterators = [clients.batches(k, job.seed) for k, job in enumerate(jobs)]
     torch.manual_seed(jobs[0].seed)  # dropout masks (they depend on the wave's composition anyway)
