@@ -173,6 +173,30 @@ def test_function_frozen_inputs_and_2d_x():
     torch.testing.assert_close(b_leaf.grad, reference.multi_lora_backward(x, A, B, idx, 1.0, g)[2])
 
 
+def test_accumulate_adds_factor_gradients_into_grad_over_chunks():
+    """``accumulate=True`` (the batched engine): two chunks' backwards add ∇A and ∇B into ``.grad`` themselves,
+    exactly the float64 gradients autograd accumulates over the same chunks, and ∂x is unchanged; a frozen A
+    gets no gradient, and a second step starts from ``.grad = None`` again."""
+    x, A, B, idx, g = _make([2, 0, 1, 2], 2, 3, 2, 3)
+    halves = (slice(0, 2), slice(2, 4))
+    mine = [t.clone().requires_grad_(True) for t in (x, A, B)]
+    theirs = [t.clone().requires_grad_(True) for t in (x, A, B)]
+    for part in halves:
+        (multi_lora(mine[0][part], mine[1], mine[2], idx[part], 0.7, accumulate=True) * g[part]).sum().backward()
+        (multi_lora(theirs[0][part], theirs[1], theirs[2], idx[part], 0.7) * g[part]).sum().backward()
+    for a, b in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+    frozen_a, b_leaf = A.clone(), B.clone().requires_grad_(True)
+    for part in halves:
+        (multi_lora(x[part], frozen_a, b_leaf, idx[part], 0.7, accumulate=True) * g[part]).sum().backward()
+    assert frozen_a.grad is None
+    torch.testing.assert_close(b_leaf.grad, theirs[2].grad, rtol=1e-12, atol=1e-12)
+    b_leaf.grad = None
+    (multi_lora(x[:2], frozen_a, b_leaf, idx[:2], 0.7, accumulate=True) * g[:2]).sum().backward()
+    want = reference.multi_lora_backward(x[:2], A, B, idx[:2], 0.7, g[:2])[2]
+    torch.testing.assert_close(b_leaf.grad, want, rtol=1e-12, atol=1e-12)
+
+
 def test_backend_resolution_on_cpu(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x, A, B, idx, g = _make([1, 1], 1, 4, 2, 3, dtype=torch.float32)

@@ -269,7 +269,7 @@ def _patched(model: PeftModel, stacks: dict[str, _Stacked], context: _BatchConte
                     lora = _PerSampleMultiLoRA.apply(flat, _a, _b, context.client_index, _s)
                     lora = lora if x_in.dim() == 3 else lora.squeeze(1)
                 else:
-                    lora = multi_lora(x_in, _a, _b, context.client_index, _s)
+                    lora = multi_lora(x_in, _a, _b, context.client_index, _s, accumulate=True)
                 return result + lora.to(result.dtype)
 
         else:  # the per-client classifier head
