@@ -634,6 +634,7 @@ class PaddedRows(TorchDataset):
     def __init__(self, tensors: dict[str, torch.Tensor], lengths: torch.Tensor) -> None:
         self.tensors, self.lengths = tensors, lengths
         self._length_list = lengths.tolist()  # a batch's width in Python: 0.5 µs against 7 for a tensor max
+        self.ids: list[int] | None = None  # a subset's rows in the tensors (None: all of them, in order)
 
     @classmethod
     def build(cls, dataset: Dataset, collator: Callable[[list[dict]], dict[str, torch.Tensor]]) -> PaddedRows | None:
@@ -646,8 +647,19 @@ class PaddedRows(TorchDataset):
             return None
         return cls(collator(list(plain)), lengths)
 
+    def subset(self, ids: list[int]) -> PaddedRows:
+        """Rows ``ids`` of this split as a split of their own (item i is row ``ids[i]``), sharing its tensors:
+        the same batches as the subset collated alone (padding trimmed to each batch's longest example), and
+        many subsets' batches gather from one tensor together (``source_rows``, ``rows_batch``)."""
+        if any(not 0 <= i < len(self._length_list) for i in ids):
+            raise IndexError(f"subset rows must lie in 0..{len(self._length_list) - 1}")
+        subset = PaddedRows.__new__(PaddedRows)
+        subset.tensors, subset.lengths, subset._length_list = self.tensors, self.lengths, self._length_list
+        subset.ids = list(ids)
+        return subset
+
     def __len__(self) -> int:
-        return len(self.lengths)
+        return len(self.lengths) if self.ids is None else len(self.ids)
 
     def __getitem__(self, index: int) -> int:
         return index
@@ -655,10 +667,18 @@ class PaddedRows(TorchDataset):
     def __getitems__(self, indices: list[int]) -> list[int]:
         return indices
 
+    def source_rows(self, indices: list[int]) -> list[int]:
+        """Items ``indices`` as rows of the tensors (a subset's items are its ``ids``)."""
+        return indices if self.ids is None else [self.ids[i] for i in indices]
+
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        rows = torch.as_tensor(indices, dtype=torch.long)
-        width = max(map(self._length_list.__getitem__, indices))
-        return {key: t[rows, :width] if t.dim() == 2 else t.index_select(0, rows) for key, t in self.tensors.items()}
+        return self.rows_batch(self.source_rows(indices))
+
+    def rows_batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        """Rows ``rows`` of the tensors, trimmed to their longest example."""
+        index = torch.as_tensor(rows, dtype=torch.long)
+        width = max(map(self._length_list.__getitem__, rows))
+        return {key: t[index, :width] if t.dim() == 2 else t.index_select(0, index) for key, t in self.tensors.items()}
 
 
 class RowBatches:
@@ -678,15 +698,23 @@ class RowBatches:
         return math.ceil(len(self.dataset) / self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return map(self.dataset.batch, self.draws())
+
+    def draws(self) -> Iterator[list[int]]:
+        """One pass's batches as the items they hold (what ``__iter__`` gathers), from the same draws."""
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # the loader's worker seed
         batch: list[int] = []
         for index in self._order():
             batch.append(index)
             if len(batch) == self.batch_size:
-                yield self.dataset.batch(batch)
+                yield batch
                 batch = []
         if batch:
-            yield self.dataset.batch(batch)
+            yield batch
+
+    def rows(self) -> BatchRows:
+        """Its passes as the rows of the shared tensors each batch holds (``BatchRows``)."""
+        return BatchRows(self)
 
     def _order(self) -> Iterator[int]:
         count = len(self.dataset)
@@ -695,6 +723,18 @@ class RowBatches:
             return
         yield from torch.randperm(count, generator=self.generator).tolist()
         torch.randperm(count, generator=self.generator)  # RandomSampler's remainder draw (num_samples % n == 0)
+
+
+@dataclass(frozen=True)
+class BatchRows:
+    """A ``RowBatches``' batches, pass after pass, as the rows of its split's tensors they hold (``PaddedRows.
+    source_rows``): what the batched engine draws for each of many clients cut from one split, to gather all
+    their rows of a step in one pass (``PaddedRows.rows_batch``) instead of one batch per client."""
+
+    loader: RowBatches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return map(self.loader.dataset.source_rows, self.loader.draws())
 
 
 Loader = DataLoader | RowBatches  # what make_loader gives: an iterable of batches with ``.dataset`` and len()

@@ -121,6 +121,39 @@ def test_a_split_collated_once_gives_the_collators_batches_in_the_loaders_order(
     assert PaddedRows.build(data.select([]), make_collator(tokenizer)) is None
 
 
+def test_a_subset_of_a_split_collated_once_batches_as_if_collated_alone(trec):
+    """``PaddedRows.subset`` (a client's rows of the training set collated once) gives the batches of the
+    subset collated on its own, in the same order; ``RowBatches.rows`` draws the same batches as rows of the
+    shared tensors, and one ``rows_batch`` of several subsets' rows is their batches padded and stacked."""
+    import torch
+
+    from fedlowrank.data import PaddedRows, make_collator
+    from fedlowrank.engine.batched import _pad_and_concat
+    from fedlowrank.models import load_tokenizer
+
+    tokenizer = load_tokenizer("minilm")
+    data = tokenize(trec.train.select(range(60)), tokenizer, "text", "label", max_length=64)
+    whole = PaddedRows.build(data, make_collator(tokenizer))
+    parts = [[5, 17, 3, 40, 41, 2, 59], [30, 1], [8, 9, 10, 11, 12, 13, 14, 15, 16, 50, 51]]
+    batches, rows = [], []
+    for ids in parts:
+        alone = PaddedRows.build(data.select(ids), make_collator(tokenizer))
+        subset = whole.subset(ids)
+        assert len(subset) == len(ids) and subset.tensors is whole.tensors
+        want = list(make_loader(None, tokenizer, 4, True, seed=3, rows=alone))
+        got = list(make_loader(None, tokenizer, 4, True, seed=3, rows=subset))
+        drawn = list(make_loader(None, tokenizer, 4, True, seed=3, rows=subset).rows())
+        for a, b, r in zip(want, got, drawn, strict=True):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+            assert all(torch.equal(whole.rows_batch(r)[k], a[k]) for k in a)
+        batches.append(want[0])
+        rows.extend(drawn[0])
+    together, padded = whole.rows_batch(rows), _pad_and_concat(batches)
+    assert all(torch.equal(together[k], padded[k]) for k in padded)
+    with pytest.raises(IndexError):
+        whole.subset([0, 60])
+
+
 def test_row_batches_draw_what_the_data_loader_draws(monkeypatch):
     """``RowBatches`` (what ``make_loader`` gives for a split collated once) yields the ``DataLoader``'s
     batches in its order from the same generator: every size from 1 to 29 (short last batches included),
