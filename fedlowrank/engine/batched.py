@@ -115,9 +115,10 @@ class _Rows:
         index = torch.tensor(leaving, device=next(iter(self.params)).device)
         for stack in self.stacks.values():
             for key, tensor in stack.tensors.items():
-                # one copy of the leaving rows per tensor, handed out as per-row views (their states are copied
-                # again whenever kept: records and files hold bytes, never these tensors)
-                rows = tensor.detach().index_select(0, index).to("cpu", torch.float32).unbind(0)
+                # the leaving rows (all of them: the tensor itself, no longer trained) on the CPU, handed out as
+                # per-row views (their states are copied again whenever kept: records and files hold bytes)
+                leavers = tensor.detach() if len(leaving) == len(finished) else tensor.detach().index_select(0, index)
+                rows = leavers.to("cpu", torch.float32).unbind(0)
                 for r, row in zip(leaving, rows, strict=True):
                     self.ended[self.jobs[r]][key] = row
         staying = [r for r, gone in enumerate(finished) if not gone]
