@@ -456,7 +456,8 @@ class _PrivateClients:
 def _shared_rows(loaders: list) -> object | None:
     """The split every loader draws from when each is a ``RowBatches`` over a subset of one ``PaddedRows``
     (clients cut from the training set collated once, ``Workspace``): a step then gathers all its clients' rows
-    in one pass (``rows_batch``) instead of a batch per client padded and concatenated (~40 µs a client)."""
+    in one pass (``rows_batch``) instead of a batch per client padded and concatenated: 7-11 against 29-46 ms a
+    step of 512 one-batch clients on a 2-core CPU, the same tensors."""
     datasets = [getattr(loader, "dataset", None) for loader in loaders]
     first = datasets[0]
     shared = all(
