@@ -293,9 +293,16 @@ def records_to_states(
         members = [(index, data) for index, data in members if index not in failed]
         if not members:
             continue
-        # the records' whole arrays end to end, each one's values a row after its header: one copy of the rows
-        joined = np.frombuffer(b"".join(data for _, data in members), dtype=np.uint8)
-        values = joined.reshape(len(members), -1)[:, header:].copy().view(dtype).reshape(len(members), *shape)
+        # the records' whole arrays end to end, each one's values a row after its header, copied once into rows
+        # that each start on a 64-byte boundary (torch's CPU alignment), as a tensor of its own would: BLAS and
+        # LAPACK may sum in another order on other alignments, and results must not depend on where rows land
+        payloads = np.frombuffer(b"".join(data for _, data in members), dtype=np.uint8)
+        payloads = payloads.reshape(len(members), -1)[:, header:]
+        stride = max(64, -(-payloads.shape[1] // 64) * 64)
+        rows_memory = torch.empty((len(members), stride), dtype=torch.uint8)
+        aligned = rows_memory.numpy()[:, : payloads.shape[1]]
+        aligned[...] = payloads
+        values = aligned.view(dtype).reshape(len(members), *shape)
         if values.dtype.kind == "f":
             rows_finite = np.isfinite(values.reshape(len(members), -1)).all(axis=1).tolist()
         else:
