@@ -10,6 +10,7 @@ A path to a folder with such files, or to a single file, works too; anything els
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import io
@@ -653,8 +654,7 @@ class PaddedRows(TorchDataset):
         many subsets' batches gather from one tensor together (``source_rows``, ``rows_batch``)."""
         if any(not 0 <= i < len(self._length_list) for i in ids):
             raise IndexError(f"subset rows must lie in 0..{len(self._length_list) - 1}")
-        subset = PaddedRows.__new__(PaddedRows)
-        subset.tensors, subset.lengths, subset._length_list = self.tensors, self.lengths, self._length_list
+        subset = copy.copy(self)  # the same tensors and lengths, no second ``tolist``
         subset.ids = list(ids)
         return subset
 

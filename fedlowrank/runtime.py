@@ -177,8 +177,8 @@ class Workspace:
                 if split[0] in ("train", "validation") and not self.task.is_image and len(source):
                     everything = self._tokenized_split("train-all", 0, self.task.train)
                     whole = self._padded_rows(("train-all", 0), everything, self.task.train)
-                cut = whole is not None and TRAIN_ROW in source.column_names
-                rows = whole.subset(source[TRAIN_ROW]) if cut else PaddedRows.build(data, self.collator)
+                # a split cut from the training set carries its rows there (``TRAIN_ROW``, ``_tokenized_split``)
+                rows = whole.subset(source[TRAIN_ROW]) if whole is not None else PaddedRows.build(data, self.collator)
             self._padded[split] = rows
         return self._padded[split]
 
