@@ -215,8 +215,10 @@ def _array_to_tensor(array: Array) -> torch.Tensor:
     try:
         if header is not None:
             values = np.frombuffer(array.data, dtype=_numeric_dtype(array.dtype), offset=header)
-            return torch.from_numpy(values.reshape(array.shape).copy())
-        return torch.from_numpy(np.array(array.numpy(), copy=True))  # Flower's reader (never unpickles)
+            # a copy in torch's 64-byte aligned memory, not numpy's 16-byte aligned one that lands differently from
+            # run to run: BLAS may sum in another order on another alignment (as in ``records_to_states``)
+            return torch.tensor(values.reshape(array.shape))
+        return torch.tensor(array.numpy())  # Flower's reader (never unpickles)
     except Exception as exc:  # truncated payloads, unknown dtypes: say so instead of crashing the round
         raise MalformedMessage(f"unreadable array ({type(exc).__name__}: {exc})") from exc
 
