@@ -43,7 +43,12 @@ class Traffic:
 
     def count(self, messages: list[Message], replies: list[Message]) -> dict[str, int]:
         answered = [reply for reply in replies if not reply.has_error()]
-        down = sum(wire.record_bytes(wire.message_arrays(m)) for m in messages)
+        down = 0
+        sizes: dict[int, int] = {}  # a round's instructions share one broadcast record: counted once, sent to each
+        for record in map(wire.message_arrays, messages):
+            if id(record) not in sizes:
+                sizes[id(record)] = wire.record_bytes(record)
+            down += sizes[id(record)]
         up = sum(wire.record_bytes(wire.message_arrays(r)) for r in answered)
         self.down_total += down
         self.up_total += up

@@ -136,7 +136,7 @@ def test_record_is_the_one_flower_fills_key_by_key():
     for key in sorted(state):
         reference[key] = Array(state[key].numpy())
     assert list(record.keys()) == sorted(state) and record == reference
-    assert record.is_dirty and record.count_bytes() == reference.count_bytes()
+    assert record.is_dirty and record.count_bytes() == reference.count_bytes() == wire.record_bytes(reference)
     assert record.object_id == reference.object_id and not record.is_dirty  # deflating clears it, as for Flower's
     record["extra"] = Array(torch.ones(2).numpy())  # still a working ArrayRecord: adding marks it dirty again
     assert record.is_dirty and record.object_id != reference.object_id

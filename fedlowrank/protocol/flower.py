@@ -92,8 +92,9 @@ def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def record_bytes(record: ArrayRecord | None) -> int:
-    """Bytes as serialized in the message (array payloads plus their keys)."""
-    return 0 if record is None else record.count_bytes()
+    """Bytes as serialized in the message (array payloads plus their keys), as Flower's ``count_bytes`` counts
+    them, from the record's dict (``_plain``: its items view costs ≈1 µs an array, for every message)."""
+    return 0 if record is None else sum(len(array.data) + len(key) for key, array in _plain(record).items())
 
 
 def message_arrays(message: Message) -> ArrayRecord | None:
