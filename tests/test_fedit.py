@@ -96,7 +96,9 @@ def test_flower_strategy_weights_by_examples_and_averages_the_head():
 
 
 def test_record_round_trip_reads_what_flower_reads():
-    """The fast .npy payload reader gives Flower's own ``Array.numpy()`` values, dtypes and shapes."""
+    """The fast .npy payload reader gives Flower's own ``Array.numpy()`` values, dtypes and shapes, in torch's
+    64-byte aligned memory (numpy's copies are 16-byte aligned and land differently from run to run: BLAS may
+    sum in another order on another alignment)."""
     import numpy as np
     from flwr.app import Array
 
@@ -110,6 +112,7 @@ def test_record_round_trip_reads_what_flower_reads():
     record = state_to_record(state)
     record["f"] = Array(np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)))  # Flower's fallback
     back = record_to_state(record)
+    assert all(tensor.data_ptr() % 64 == 0 for tensor in back.values() if tensor.numel())
     for key, array in record.items():
         want = torch.from_numpy(array.numpy().copy())
         assert back[key].dtype == want.dtype and back[key].shape == want.shape and torch.equal(back[key], want), key
