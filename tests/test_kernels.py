@@ -311,6 +311,28 @@ class TestTritonInterpreted:
             lambda a, b, c: MultiLoRAFunction.apply(a, b, c, idx, 0.9, "auto"), (x64, A64, B64)
         )
 
+    def test_accumulate_on_triton(self):
+        """``accumulate=True`` on Triton (the batched engine on a GPU): two chunks' backwards add the kernels'
+        whole ∇A and ∇B into ``.grad``, as autograd accumulates the reference's; ∂x is unchanged; a frozen A
+        gets none."""
+        x, A, B, idx, g = _make([2, 0, 1, 2], 3, 6, 2, 5, dtype=torch.float32, seed=9)
+        halves = (slice(0, 2), slice(2, 4))
+        mine = [t.clone().requires_grad_(True) for t in (x, A, B)]
+        theirs = [t.clone().requires_grad_(True) for t in (x, A, B)]
+        for part in halves:
+            assert uses_triton("auto", mine[0][part], mine[1], mine[2], rank=A.shape[1])
+            (multi_lora(mine[0][part], mine[1], mine[2], idx[part], 0.7, accumulate=True) * g[part]).sum().backward()
+            (
+                reference.multi_lora_forward(theirs[0][part], theirs[1], theirs[2], idx[part], 0.7) * g[part]
+            ).sum().backward()
+        for a, b in zip(mine, theirs, strict=True):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+        frozen_a, b_leaf = A.clone(), B.clone().requires_grad_(True)
+        for part in halves:
+            (multi_lora(x[part], frozen_a, b_leaf, idx[part], 0.7, accumulate=True) * g[part]).sum().backward()
+        assert frozen_a.grad is None
+        torch.testing.assert_close(b_leaf.grad, theirs[2].grad, atol=1e-5, rtol=1e-5)
+
     def test_strided_inputs_and_bf16(self):
         tk = self._tk()
         x, A, B, idx, _ = _make([2, 1, 2], 4, 6, 3, 5, dtype=torch.float32, seed=8)
