@@ -173,24 +173,33 @@ def test_function_frozen_inputs_and_2d_x():
     torch.testing.assert_close(b_leaf.grad, reference.multi_lora_backward(x, A, B, idx, 1.0, g)[2])
 
 
-def test_accumulate_adds_factor_gradients_into_grad_over_chunks():
-    """``accumulate=True`` (the batched engine): two chunks' backwards add ∇A and ∇B into ``.grad`` themselves,
-    exactly the float64 gradients autograd accumulates over the same chunks, and ∂x is unchanged; a frozen A
-    gets no gradient, and a second step starts from ``.grad = None`` again."""
-    x, A, B, idx, g = _make([2, 0, 1, 2], 2, 3, 2, 3)
+def _accumulated_over_two_chunks(x, A, B, idx, g, on_triton: bool, tolerance: float):
+    """Two chunks' backwards with ``accumulate=True`` add ∇A and ∇B into ``.grad`` themselves: the gradients
+    autograd accumulates through the reference forward over the same chunks, ∂x unchanged; with A frozen, A gets
+    no gradient. Returns that frozen A and its trained B (their ``.grad`` set)."""
     halves = (slice(0, 2), slice(2, 4))
     mine = [t.clone().requires_grad_(True) for t in (x, A, B)]
     theirs = [t.clone().requires_grad_(True) for t in (x, A, B)]
     for part in halves:
+        assert uses_triton("auto", mine[0][part], mine[1], mine[2], rank=A.shape[1]) == on_triton
         (multi_lora(mine[0][part], mine[1], mine[2], idx[part], 0.7, accumulate=True) * g[part]).sum().backward()
-        (multi_lora(theirs[0][part], theirs[1], theirs[2], idx[part], 0.7) * g[part]).sum().backward()
+        (reference.multi_lora_forward(theirs[0][part], *theirs[1:], idx[part], 0.7) * g[part]).sum().backward()
     for a, b in zip(mine, theirs, strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a.grad, b.grad, rtol=tolerance, atol=tolerance)
     frozen_a, b_leaf = A.clone(), B.clone().requires_grad_(True)
     for part in halves:
         (multi_lora(x[part], frozen_a, b_leaf, idx[part], 0.7, accumulate=True) * g[part]).sum().backward()
     assert frozen_a.grad is None
-    torch.testing.assert_close(b_leaf.grad, theirs[2].grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b_leaf.grad, theirs[2].grad, rtol=tolerance, atol=tolerance)
+    return frozen_a, b_leaf
+
+
+def test_accumulate_adds_factor_gradients_into_grad_over_chunks():
+    """``accumulate=True`` (the batched engine), on the reference path: exactly the float64 gradients autograd
+    accumulates over the same chunks (``_accumulated_over_two_chunks``), and a second step starts from
+    ``.grad = None`` again."""
+    x, A, B, idx, g = _make([2, 0, 1, 2], 2, 3, 2, 3)
+    frozen_a, b_leaf = _accumulated_over_two_chunks(x, A, B, idx, g, on_triton=False, tolerance=1e-12)
     b_leaf.grad = None
     (multi_lora(x[:2], frozen_a, b_leaf, idx[:2], 0.7, accumulate=True) * g[:2]).sum().backward()
     want = reference.multi_lora_backward(x[:2], A, B, idx[:2], 0.7, g[:2])[2]
@@ -312,26 +321,10 @@ class TestTritonInterpreted:
         )
 
     def test_accumulate_on_triton(self):
-        """``accumulate=True`` on Triton (the batched engine on a GPU): two chunks' backwards add the kernels'
-        whole ∇A and ∇B into ``.grad``, as autograd accumulates the reference's; ∂x is unchanged; a frozen A
-        gets none."""
+        """``accumulate=True`` on Triton (the batched engine on a GPU): the kernels' whole ∇A and ∇B are added into
+        ``.grad`` over chunks, as autograd accumulates the reference's (``_accumulated_over_two_chunks``)."""
         x, A, B, idx, g = _make([2, 0, 1, 2], 3, 6, 2, 5, dtype=torch.float32, seed=9)
-        halves = (slice(0, 2), slice(2, 4))
-        mine = [t.clone().requires_grad_(True) for t in (x, A, B)]
-        theirs = [t.clone().requires_grad_(True) for t in (x, A, B)]
-        for part in halves:
-            assert uses_triton("auto", mine[0][part], mine[1], mine[2], rank=A.shape[1])
-            (multi_lora(mine[0][part], mine[1], mine[2], idx[part], 0.7, accumulate=True) * g[part]).sum().backward()
-            (
-                reference.multi_lora_forward(theirs[0][part], theirs[1], theirs[2], idx[part], 0.7) * g[part]
-            ).sum().backward()
-        for a, b in zip(mine, theirs, strict=True):
-            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
-        frozen_a, b_leaf = A.clone(), B.clone().requires_grad_(True)
-        for part in halves:
-            (multi_lora(x[part], frozen_a, b_leaf, idx[part], 0.7, accumulate=True) * g[part]).sum().backward()
-        assert frozen_a.grad is None
-        torch.testing.assert_close(b_leaf.grad, theirs[2].grad, atol=1e-5, rtol=1e-5)
+        _accumulated_over_two_chunks(x, A, B, idx, g, on_triton=True, tolerance=1e-5)
 
     def test_strided_inputs_and_bf16(self):
         tk = self._tk()
