@@ -336,25 +336,24 @@ def records_to_states(
                 failed[index] = exc
                 continue
             finite[index] = finite[index] and bool(tensor.isfinite().all())
-        if header is None or not together:
+        if not together:
             continue
-        members = together
         # the records' whole arrays end to end, each one's values a row after its header, copied once into rows
         # that each start on a 64-byte boundary (torch's CPU alignment), as a tensor of its own would: BLAS and
         # LAPACK may sum in another order on other alignments, and results must not depend on where rows land
-        payloads = np.frombuffer(b"".join(data for _, data in members), dtype=np.uint8)
-        payloads = payloads.reshape(len(members), -1)[:, header:]
+        payloads = np.frombuffer(b"".join(data for _, data in together), dtype=np.uint8)
+        payloads = payloads.reshape(len(together), -1)[:, header:]
         stride = max(64, -(-payloads.shape[1] // 64) * 64)
-        rows_memory = torch.empty((len(members), stride), dtype=torch.uint8)
+        rows_memory = torch.empty((len(together), stride), dtype=torch.uint8)
         aligned = rows_memory.numpy()[:, : payloads.shape[1]]
         aligned[...] = payloads
-        values = aligned.view(dtype).reshape(len(members), *shape)
+        values = aligned.view(dtype).reshape(len(together), *shape)
         if values.dtype.kind == "f":
-            rows_finite = np.isfinite(values.reshape(len(members), -1)).all(axis=1).tolist()
+            rows_finite = np.isfinite(values.reshape(len(together), -1)).all(axis=1).tolist()
         else:
-            rows_finite = [True] * len(members)
+            rows_finite = [True] * len(together)
         rows = torch.from_numpy(values).unbind(0)
-        for (index, _), tensor, row_finite in zip(members, rows, rows_finite, strict=True):
+        for (index, _), tensor, row_finite in zip(together, rows, rows_finite, strict=True):
             states[index][key] = tensor  # type: ignore[index]
             finite[index] = finite[index] and row_finite
     return [
