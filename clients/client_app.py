@@ -41,7 +41,8 @@ def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
     @app.train()
     def train(message: Message, context: Context) -> Message:
         instruction = wire.decode_train_instruction(message.content)
-        node = ClientNode(context, bound_config, instruction.server_round, instruction.server_round - 1)
+        upto = instruction.server_round - 1  # a round's training reads what the rounds before it left
+        node = ClientNode(context, bound_config, instruction.server_round, upto, run_key=instruction.run_key)
         reply = train_one(trainer_for(node, instruction), node, instruction)
         crash_point(f"trained-{node.partition_id}-round-{instruction.server_round}")  # a test hook (kill -9 here)
         return Message(wire.encode_reply(reply), reply_to=message)
@@ -92,7 +93,7 @@ def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
 def evaluate_one(content: RecordDict, context: Context, bound: RunConfig | None) -> EvaluateReply:
     """The model this client would use (global, or with its own parts) on its validation split."""
     instruction = wire.decode_evaluate_instruction(content)
-    node = ClientNode(context, bound, instruction.server_round, instruction.server_round)
+    node = ClientNode(context, bound, instruction.server_round, instruction.server_round, run_key=instruction.run_key)
     node.load(instruction.state, instruction.spec)
     workspace = node.workspace
     result = workspace.score("validation", node.partition_id)
@@ -145,7 +146,8 @@ def train_together(
     jobs: dict[int, ClientJob] = {}
     trainer = None
     for index, (instruction, context) in enumerate(zip(instructions, contexts, strict=True)):
-        node = ClientNode(context, bound, instruction.server_round, instruction.server_round - 1)
+        upto = instruction.server_round - 1
+        node = ClientNode(context, bound, instruction.server_round, upto, run_key=instruction.run_key)
         trainer = trainer or trainer_for(node, instruction)
         outcome = trainer.prepare(node, instruction)  # sets the shared model to this client's start
         if isinstance(outcome, Refusal):

@@ -61,12 +61,15 @@ def client_seed(config: RunConfig, server_round: int, pid: int) -> int:
 class ClientNode:
     """``server_round`` and ``reading_upto``: the state this message may read is the newest saved up to
     ``reading_upto`` (a round's training: the rounds before it; its evaluation: that round too), and what it
-    saves is ``server_round``'s (see ``fedlowrank.state``)."""
+    saves is ``server_round``'s (see ``fedlowrank.state``); ``run_key``: the run's own folder in the node's
+    state (the instruction's)."""
 
-    def __init__(self, context: Context, bound: RunConfig | None, server_round: int, reading_upto: int) -> None:
+    def __init__(
+        self, context: Context, bound: RunConfig | None, server_round: int, reading_upto: int, run_key: str = ""
+    ) -> None:
         self.config = resolve_config(context, bound)
         self.partition_id = partition_id(context, self.config)
-        self.store = state_store(self.config, context, in_process=bound is not None)
+        self.store = state_store(self.config, context, in_process=bound is not None, run_key=run_key)
         self.workspace: Workspace = get_workspace(self.config)
         self.key = str(self.partition_id)
         self.server_round, self.reading_upto = server_round, reading_upto

@@ -3,7 +3,9 @@
 safetensors file per client, item and version on disk (``DiskStateStore``), which survives restarts.
 
 The folder is the node's own: ``state-dir`` in the SuperNode's ``--node-config`` (an in-process simulation sets
-it for its virtual nodes). A path in the run config that the submitter sends is used only in-process.
+it for its virtual nodes). A path in the run config that the submitter sends is used only in-process. Each run
+keeps its clients' files in the subfolder its instructions name (``run_key``): a resumed run finds them again,
+another run never reads them.
 """
 
 from __future__ import annotations
@@ -56,20 +58,23 @@ def _disk_store(root: str) -> DiskStateStore:
     return DiskStateStore(root)
 
 
-def state_store(config: RunConfig, context: Context, in_process: bool) -> ClientStateStore:
+def state_store(config: RunConfig, context: Context, in_process: bool, run_key: str = "") -> ClientStateStore:
     """The node's ``state-dir`` (a disk store), else Flower's Context.state. ``client-state = "disk"`` needs a
-    folder: the node's, or, in-process, ``client-state-dir`` (default ``<output-dir>/<name>/client-state``)."""
+    folder: the node's, or, in-process, ``client-state-dir`` (default ``<output-dir>/<name>/client-state``).
+
+    On disk each run keeps its clients' state in its own subfolder, ``run_key`` (the folder outlives runs;
+    Flower's Context is the run's own already)."""
     node_dir = str(context.node_config.get("state-dir", ""))
     shared = COHORT_ID in context.node_config  # a cohort member: the node's Context holds all its clients
     if config.client_state == "context":
         return ContextStateStore(context, shared)
-    if node_dir:
-        return _disk_store(node_dir)
-    if config.client_state == "disk":
+    if not node_dir and config.client_state == "disk":
         if not in_process:
             raise ConfigError(
                 "client-state = 'disk' needs a folder on this node: start the SuperNode with --node-config "
                 "\"state-dir='/path/on/the/node'\" (a path in the run config is not used on a node)"
             )
-        return _disk_store(config.client_state_dir or str(Path(config.output_dir) / config.name / "client-state"))
+        node_dir = config.client_state_dir or str(Path(config.output_dir) / config.name / "client-state")
+    if node_dir:
+        return _disk_store(str(Path(node_dir, run_key)))  # a checked key (``decode_*_instruction``)
     return ContextStateStore(context, shared)

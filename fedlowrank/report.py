@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,9 @@ def check_run_dir(config: RunConfig) -> Path:
     return run_dir
 
 
+RUN_KEY_FILE = "run-key"
+
+
 class RunRecorder:
     """Writes one run's files. Every report or sweep reads them back from disk."""
 
@@ -62,7 +67,17 @@ class RunRecorder:
         if not config.resume:
             written = replace(config, overwrite=False)
             write_atomic(run_dir / "config.toml", lambda target: target.write_text(written.to_toml()))
+            key = new_run_key(config.name)
+            write_atomic(run_dir / RUN_KEY_FILE, lambda target: target.write_text(key))
         return cls(run_dir)
+
+    @property
+    def run_key(self) -> str:
+        """This run's folder in its nodes' client state: made with the run, kept by ``resume`` (a new run or an
+        overwritten one gets another, so it never reads a finished run's client state). "" for a run made before
+        run keys, whose clients keep their state in the state folder itself."""
+        path = self.run_dir / RUN_KEY_FILE
+        return path.read_text().strip() if path.is_file() else ""
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -129,6 +144,12 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     return value
+
+
+def new_run_key(name: str) -> str:
+    """``<name>-<12 random hex digits>``: a user can tell whose folder it is on a node, and no two runs share one."""
+    readable = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-")[:40]
+    return f"{readable}-{uuid.uuid4().hex[:12]}" if readable else uuid.uuid4().hex[:12]
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

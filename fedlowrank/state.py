@@ -6,8 +6,9 @@ evaluation what that round left. So when a crashed run is resumed and a round ru
 from exactly the state it had the first time, even if it had already saved that round's state before the crash.
 Two versions are kept per item (the newest and the one before it). ``DiskStateStore`` writes one safetensors
 file per client, item and version (atomically: a temporary file, then a rename), so thousands of simulated
-clients cost disk, not RAM, and the state outlives the process. The Flower ``Context.state`` backend lives
-with the ClientApp (``clients/state.py``).
+clients cost disk, not RAM, and the state outlives the process. A node's folder outlives runs too, so each run
+keeps its clients' state in a subfolder of its own, named by its run key (``clients/state.py``). The Flower
+``Context.state`` backend lives with the ClientApp (``clients/state.py``).
 """
 
 from __future__ import annotations

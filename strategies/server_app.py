@@ -219,7 +219,8 @@ class FederatedRun:
         return row
 
     def _train(self, server_round: int) -> tuple[list[Message], list[Message], TrainRoundResult]:
-        messages = list(self.strategy.configure_train(server_round, self.arrays, ConfigRecord(), self.grid))
+        config = ConfigRecord({wire.RUN_KEY: self.recorder.run_key})
+        messages = list(self.strategy.configure_train(server_round, self.arrays, config, self.grid))
         self.reporter.round_started(server_round, len(messages))
         replies = send_and_collect(self.grid, messages, self.timeout)
         return messages, replies, self.strategy.train_round(server_round, replies, sent=messages)
@@ -237,7 +238,8 @@ class FederatedRun:
 
     def evaluate(self, server_round: int) -> dict[str, Any]:
         last_round = server_round == self.config.num_rounds
-        config = ConfigRecord({wire.TEST_SET: self.evaluation.clients_score_test_set(last_round)})
+        test_set = self.evaluation.clients_score_test_set(last_round)
+        config = ConfigRecord({wire.TEST_SET: test_set, wire.RUN_KEY: self.recorder.run_key})
         messages = list(self.strategy.configure_evaluate(server_round, self.arrays, config, self.grid))
         metrics = {}
         if messages:

@@ -287,7 +287,8 @@ class LoRAStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        instruction = TrainInstruction(server_round, self.spec, {}, seed=self.seed)
+        run_key = str(config.get(wire.RUN_KEY, ""))  # the run's folder in its nodes' client state
+        instruction = TrainInstruction(server_round, self.spec, {}, seed=self.seed, run_key=run_key)
         content = wire.encode_instruction(instruction, arrays)
         nodes = self.sampling.sample(grid, server_round, "train")
         return [Message(content, dst_node_id=node, message_type="train") for node in nodes]
@@ -296,7 +297,8 @@ class LoRAStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         test_set = bool(config.get(wire.TEST_SET, False))
-        instruction = EvaluateInstruction(server_round, self.spec, {}, test_set=test_set)
+        run_key = str(config.get(wire.RUN_KEY, ""))
+        instruction = EvaluateInstruction(server_round, self.spec, {}, test_set=test_set, run_key=run_key)
         content = wire.encode_instruction(instruction, arrays)
         nodes = self.sampling.sample(grid, server_round, "evaluate")
         return [Message(content, dst_node_id=node, message_type="evaluate") for node in nodes]

@@ -112,15 +112,18 @@ def test_runs_are_not_overwritten_unless_asked(tmp_path, data_dir):
     assert first.exit_code == 0, first.output
     adapter = tmp_path / "runs" / "run" / "adapter" / "adapter_model.safetensors"
     before = adapter.read_bytes()
+    key = (tmp_path / "runs" / "run" / "run-key").read_text()  # the run's folder in its nodes' client state
     again = _simulate(tmp_path, data_dir=data_dir)
     assert again.exit_code == 2 and "already holds a finished run" in " ".join(again.output.split())
     assert adapter.read_bytes() == before  # untouched
     finished = runner.invoke(app, ["simulate", "--resume", str(tmp_path / "runs" / "run")])
     assert finished.exit_code == 0, finished.output  # resuming a finished run trains nothing, replaces nothing
     assert adapter.read_bytes() == before
+    assert (tmp_path / "runs" / "run" / "run-key").read_text() == key  # a resumed run keeps its clients' state
     replaced = _simulate(tmp_path, "seed=1", data_dir=data_dir, extra=("--overwrite",))
     assert replaced.exit_code == 0, replaced.output
     assert adapter.read_bytes() != before
+    assert (tmp_path / "runs" / "run" / "run-key").read_text() not in ("", key)  # a new run: no client state yet
     assert len((tmp_path / "runs" / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 

@@ -92,6 +92,23 @@ def test_two_cohort_nodes_run_the_federation_of_one_node_per_client(llama, addit
         assert 0 < max(rows[-1]["dp_epsilon_per_client"].values()) <= 8.0
 
 
+def test_runs_sharing_a_nodes_state_folder_never_read_each_others_client_state(llama, addition, tmp_path):
+    """A node's state folder outlives runs: run B on the folder run A used must end where B ends on a folder of
+    its own (FedSA under DP-SGD, half the clients a round, other seeds: some of B's round-2 clients trained in
+    A's round 1 and not in B's), and a resumed B finds its own state again (the run key, kept in its folder)."""
+    from simulations.run import run_inprocess
+
+    shared = {"client-state": "disk", "client-state-dir": str(tmp_path / "node-state")}
+    case = {"strategy": "fedsa", "dp.epsilon": 8.0, "dp.max-grad-norm": 0.5, "fraction-evaluate": 0.0}
+    runs = tmp_path / "runs"
+    run_inprocess(RunConfig.from_flat(cohort_settings(llama, addition, runs, "a", **case, **shared, seed=5)))
+    run_inprocess(RunConfig.from_flat(cohort_settings(llama, addition, runs, "b", **case, **shared)))
+    run_inprocess(RunConfig.from_flat(cohort_settings(llama, addition, runs, "b-alone", **case)))
+    assert_same_federation(runs / "b", runs / "b-alone", private=True)
+    keys = {(runs / name / "run-key").read_text() for name in ("a", "b")}
+    assert {p.name for p in (tmp_path / "node-state").iterdir()} == keys  # one folder per run, named by its key
+
+
 def _grid(config: RunConfig, nodes: int, node_config: dict | None = None):
     from clients.client_app import make_client_app
     from simulations.grids import InProcessGrid, adopt_server_identity
@@ -204,6 +221,8 @@ def test_cohort_supernodes_match_the_in_process_run_and_keep_state_across_a_rest
     run_inprocess(RunConfig.from_flat(reference))
     assert_same_federation(runs / "deployed", runs / "per-client", private=True)
     assert len(read_metrics(runs / "deployed")) == 2
+    key = (runs / "deployed" / "run-key").read_text()  # the run's folder on its nodes, kept by the resumed run
     for cohort in (0, 1):  # each client's accountant and own B on its node's disk: client k on node k mod 2
-        clients = {int(p.name) for p in (tmp_path / "federation" / f"state-{cohort}").iterdir()}
+        assert [p.name for p in (tmp_path / "federation" / f"state-{cohort}").iterdir()] == [key]
+        clients = {int(p.name) for p in (tmp_path / "federation" / f"state-{cohort}" / key).iterdir()}
         assert clients and all(client % 2 == cohort for client in clients), clients

@@ -76,6 +76,18 @@ def test_models_never_run_their_own_code_unless_the_run_asks(monkeypatch):
     assert seen and not any(seen)  # every load says trust_remote_code=False
 
 
+@pytest.mark.parametrize("key", ["../other-run", "/etc", "..", "a/b", ".hidden", "x" * 129])
+def test_a_run_key_that_is_not_one_plain_folder_name_is_refused(key):
+    """The run key names the run's folder in a node's state: a server cannot point a node elsewhere with it."""
+    from fedlowrank.protocol import MethodSpec, TrainInstruction
+    from fedlowrank.protocol import flower as wire
+
+    good = wire.encode_instruction(TrainInstruction(1, MethodSpec(), {}, run_key="tiny-0a1b2c3d4e5f"))
+    assert wire.decode_train_instruction(good).run_key == "tiny-0a1b2c3d4e5f"
+    with pytest.raises(MalformedMessage, match="bad run key"):
+        wire.decode_train_instruction(wire.encode_instruction(TrainInstruction(1, MethodSpec(), {}, run_key=key)))
+
+
 def test_a_node_never_reads_paths_the_submitter_sent(tmp_path):
     from clients.node import resolve_config
     from clients.state import state_store

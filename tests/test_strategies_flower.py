@@ -1,5 +1,7 @@
 """The methods inside Flower: shared-A checks, per-client state, residual folding, and full runs."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from flwr.app import Message, RecordDict
@@ -183,7 +185,8 @@ def test_fedsa_client_state_on_disk(tiny_config, tmp_path):
         **{"client-state": "disk", "client-state-dir": str(state_dir)},
     )
     run_inprocess(config)
-    files = sorted(state_dir.glob("*/local-adapter@2.safetensors"))  # versioned by the round that saved it
+    key = (Path(config.output_dir) / "fedsa-disk" / "run-key").read_text()  # the run's own folder in the state
+    files = sorted((state_dir / key).glob("*/local-adapter@2.safetensors"))  # versioned by the round that saved it
     assert [f.parent.name for f in files] == ["0", "1", "2"]
     b_key = next(k for k in load_file(str(files[0])) if ".lora_B." in k)
     assert not torch.equal(load_file(str(files[0]))[b_key], load_file(str(files[1]))[b_key])

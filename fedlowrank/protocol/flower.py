@@ -28,6 +28,7 @@ from fedlowrank.protocol.messages import (
     Refusal,
     TrainInstruction,
     TrainReply,
+    check_run_key,
 )
 
 # Record names inside a message's content.
@@ -41,6 +42,7 @@ REFUSAL = "refusal"
 SERVER_ROUND = "server-round"
 SEED = "seed"
 TEST_SET = "eval-global-test"
+RUN_KEY = "run-key"
 SPEC_FIELDS = {  # MethodSpec field -> wire key (sides as comma-separated text)
     "trainer": "trainer",
     "train": "train",
@@ -387,18 +389,30 @@ def encode_instruction(
         config[SEED] = instruction.seed
     else:
         config[TEST_SET] = instruction.test_set
+    if instruction.run_key:
+        config[RUN_KEY] = instruction.run_key
     arrays = arrays if arrays is not None else state_to_record(instruction.state)
     return RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(config)})
 
 
 def decode_train_instruction(content: RecordDict) -> TrainInstruction:
     config, spec, state = _instruction_parts(content)
-    return TrainInstruction(int(config[SERVER_ROUND]), spec, state, seed=int(config.get(SEED, 0)))
+    seed = int(config.get(SEED, 0))
+    return TrainInstruction(int(config[SERVER_ROUND]), spec, state, seed=seed, run_key=_run_key(config))
 
 
 def decode_evaluate_instruction(content: RecordDict) -> EvaluateInstruction:
     config, spec, state = _instruction_parts(content)
-    return EvaluateInstruction(int(config[SERVER_ROUND]), spec, state, test_set=bool(config.get(TEST_SET, False)))
+    test_set = bool(config.get(TEST_SET, False))
+    return EvaluateInstruction(int(config[SERVER_ROUND]), spec, state, test_set=test_set, run_key=_run_key(config))
+
+
+def _run_key(config: ConfigRecord) -> str:
+    """The run key, refused unless it is one plain path component (it names a folder on the client's disk)."""
+    try:
+        return check_run_key(str(config.get(RUN_KEY, "")))
+    except ValueError as exc:
+        raise MalformedMessage(str(exc)) from exc
 
 
 def _instruction_parts(content: RecordDict) -> tuple[ConfigRecord, MethodSpec, dict[str, torch.Tensor]]:

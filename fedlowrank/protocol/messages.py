@@ -9,6 +9,7 @@ of these types is :mod:`fedlowrank.protocol.flower`, the only Flower import in `
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,7 @@ __all__ = [
     "Refusal",
     "TrainInstruction",
     "TrainReply",
+    "check_run_key",
     "a_checksum",
     "cohort_of",
 ]
@@ -103,12 +105,25 @@ class MethodSpec:
         return ("B", "head") if self.local_head else ("B",)
 
 
+_RUN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_run_key(key: str) -> str:
+    """A run key names the run's folder in a node's client state: one plain path component (or "": none)."""
+    if key and not _RUN_KEY.fullmatch(key):
+        raise ValueError(f"bad run key {key[:40]!r}: letters, digits, '.', '_' and '-' only (at most 128)")
+    return key
+
+
 @dataclass(frozen=True)
 class TrainInstruction:
     server_round: int
     spec: MethodSpec
     state: dict[str, torch.Tensor]  # the broadcast: adapter tensors and "<layer>.residual" entries
     seed: int = 0  # the run seed (a trainer may derive shared randomness from it, e.g. a round's basis)
+    # The run's own folder in a node's client state: a node's folder outlives runs, and only a resumed run may
+    # read what an earlier process of the same run left ("": the folder itself, as runs made before keys did)
+    run_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -117,6 +132,7 @@ class EvaluateInstruction:
     spec: MethodSpec
     state: dict[str, torch.Tensor]
     test_set: bool = False  # also score the global test set (personalised methods, last round)
+    run_key: str = ""  # as in TrainInstruction (a personalised client evaluates with its own state)
 
 
 @dataclass(frozen=True)
