@@ -88,6 +88,15 @@ def test_a_run_key_that_is_not_one_plain_folder_name_is_refused(key):
         wire.decode_train_instruction(wire.encode_instruction(TrainInstruction(1, MethodSpec(), {}, run_key=key)))
 
 
+def test_every_run_name_gives_a_run_key_a_node_accepts_and_no_two_runs_share_one():
+    from fedlowrank.protocol import check_run_key
+    from fedlowrank.report import new_run_key
+
+    for name in ("default", "my run/β", "../../etc", "...", "x" * 300):
+        keys = {new_run_key(name) for _ in range(3)}
+        assert len(keys) == 3 and all(check_run_key(key) == key for key in keys), keys
+
+
 def test_a_node_never_reads_paths_the_submitter_sent(tmp_path):
     from clients.node import resolve_config
     from clients.state import state_store
