@@ -15,9 +15,8 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.cohort import member_contexts, node_cohort
-from clients.node import ClientNode, resolve_config
+from clients.node import ClientFailure, ClientNode, resolve_config
 from clients.trainers import (
-    ClientDivergedError,
     LocalResult,
     LoRATrainer,
     PreparedRound,
@@ -41,8 +40,7 @@ def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
     @app.train()
     def train(message: Message, context: Context) -> Message:
         instruction = wire.decode_train_instruction(message.content)
-        upto = instruction.server_round - 1  # a round's training reads what the rounds before it left
-        node = ClientNode(context, bound_config, instruction.server_round, upto, run_key=instruction.run_key)
+        node = ClientNode.training(context, bound_config, instruction)
         reply = train_one(trainer_for(node, instruction), node, instruction)
         crash_point(f"trained-{node.partition_id}-round-{instruction.server_round}")  # a test hook (kill -9 here)
         return Message(wire.encode_reply(reply), reply_to=message)
@@ -66,7 +64,7 @@ def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
         config = resolve_config(context, bound_config)
         members = member_contexts(context, clients, config)
         size = config.engine_wave_size or len(members)
-        replies: list[TrainReply | Refusal | ClientDivergedError] = []
+        replies: list[TrainReply | Refusal | ClientFailure] = []
         for start in range(0, len(members), size):
             wave = members[start : start + size]
             replies += train_together([instruction] * len(wave), wave, bound_config)
@@ -93,7 +91,7 @@ def make_client_app(bound_config: RunConfig | None = None) -> ClientApp:
 def evaluate_one(content: RecordDict, context: Context, bound: RunConfig | None) -> EvaluateReply:
     """The model this client would use (global, or with its own parts) on its validation split."""
     instruction = wire.decode_evaluate_instruction(content)
-    node = ClientNode(context, bound, instruction.server_round, instruction.server_round, run_key=instruction.run_key)
+    node = ClientNode.evaluating(context, bound, instruction)
     node.load(instruction.state, instruction.spec)
     workspace = node.workspace
     result = workspace.score("validation", node.partition_id)
@@ -122,34 +120,38 @@ def train_batch(messages: list[Message], contexts: list[Context], bound: RunConf
             decoded[id(message.content)] = wire.decode_train_instruction(message.content)
     replies = train_together([decoded[id(m.content)] for m in messages], contexts, bound)
     return [
-        wire.error_reply(m, r) if isinstance(r, ClientDivergedError) else Message(wire.encode_reply(r), reply_to=m)
+        wire.error_reply(m, r) if isinstance(r, ClientFailure) else Message(wire.encode_reply(r), reply_to=m)
         for m, r in zip(messages, replies, strict=True)
     ]
 
 
-def _cohort_reply(reply: TrainReply | Refusal | ClientDivergedError) -> RecordDict | str:
+def _cohort_reply(reply: TrainReply | Refusal | ClientFailure) -> RecordDict | str:
     """A cohort member's reply in the node's message: its records, or why it failed (as an error reply says)."""
-    return f"{type(reply).__name__}: {reply}" if isinstance(reply, ClientDivergedError) else wire.encode_reply(reply)
+    return f"{type(reply).__name__}: {reply}" if isinstance(reply, ClientFailure) else wire.encode_reply(reply)
 
 
 def train_together(
     instructions: list[TrainInstruction], contexts: list[Context], bound: RunConfig | None
-) -> list[TrainReply | Refusal | ClientDivergedError]:
+) -> list[TrainReply | Refusal | ClientFailure]:
     """Train several clients' instructions together on the shared base (``fedlowrank.engine``): the replies
     are the ones ``train`` would give (refusals included), and a client that diverged fails alone, as it would
-    training alone (its ``ClientDivergedError`` in its place; the others' replies stand). Rounds whose trainer
+    training alone (its ``ClientFailure`` in its place, e.g. it diverged or its state was lost; the others'
+    replies stand). Rounds whose trainer
     the engine cannot batch (GaLore, federated GaLore) go one by one."""
     from fedlowrank.engine import ClientJob, train_batched
 
-    replies: dict[int, TrainReply | Refusal | ClientDivergedError] = {}
+    replies: dict[int, TrainReply | Refusal | ClientFailure] = {}
     prepared: dict[int, PreparedRound] = {}
     jobs: dict[int, ClientJob] = {}
     trainer = None
     for index, (instruction, context) in enumerate(zip(instructions, contexts, strict=True)):
-        upto = instruction.server_round - 1
-        node = ClientNode(context, bound, instruction.server_round, upto, run_key=instruction.run_key)
-        trainer = trainer or trainer_for(node, instruction)
-        outcome = trainer.prepare(node, instruction)  # sets the shared model to this client's start
+        try:
+            node = ClientNode.training(context, bound, instruction)
+            trainer = trainer or trainer_for(node, instruction)
+            outcome = trainer.prepare(node, instruction)  # sets the shared model to this client's start
+        except ClientFailure as exc:  # e.g. its state is lost: it fails alone, the wave goes on
+            replies[index] = exc
+            continue
         if isinstance(outcome, Refusal):
             replies[index] = outcome
             continue
@@ -182,10 +184,10 @@ def train_together(
 
 def _finished(
     trainer: LoRATrainer, prepared: PreparedRound, local: LocalResult, elapsed: float
-) -> TrainReply | ClientDivergedError:
+) -> TrainReply | ClientFailure:
     try:
         return trainer.finish(prepared, local, elapsed)
-    except ClientDivergedError as exc:  # this client sends nothing and keeps nothing; the wave goes on
+    except ClientFailure as exc:  # this client sends nothing and keeps nothing; the wave goes on
         return exc
 
 

@@ -23,11 +23,21 @@ from fedlowrank.adapters import (
 )
 from fedlowrank.config import ConfigError, RunConfig
 from fedlowrank.metrics import personalization_gap
-from fedlowrank.protocol import MethodSpec
+from fedlowrank.protocol import EvaluateInstruction, MethodSpec, TrainInstruction
 from fedlowrank.runtime import Workspace, get_workspace
 
 LOCAL_ADAPTER = "local-adapter"  # what the client keeps of its adapter (its own B, and head)
 LAST_TRAINED_A = "last-trained-a"  # the A it trained last, for the personalisation gap
+
+
+class ClientFailure(RuntimeError):
+    """This client reports a failure instead of an update, with the reason; the others of its wave go on."""
+
+
+class ClientStateLost(ClientFailure):
+    """The server says this client trained earlier in the run, but what it keeps between rounds is not in its
+    state: its node lost it. Training anyway would restart its DP accountant (ε under-reported, the budget no
+    longer enforced) or its own B."""
 
 
 def resolve_config(context: Context, bound: RunConfig | None) -> RunConfig:
@@ -65,7 +75,13 @@ class ClientNode:
     state (the instruction's)."""
 
     def __init__(
-        self, context: Context, bound: RunConfig | None, server_round: int, reading_upto: int, run_key: str = ""
+        self,
+        context: Context,
+        bound: RunConfig | None,
+        server_round: int,
+        reading_upto: int,
+        run_key: str = "",
+        trained_before: frozenset[int] = frozenset(),
     ) -> None:
         self.config = resolve_config(context, bound)
         self.partition_id = partition_id(context, self.config)
@@ -73,9 +89,32 @@ class ClientNode:
         self.workspace: Workspace = get_workspace(self.config)
         self.key = str(self.partition_id)
         self.server_round, self.reading_upto = server_round, reading_upto
+        self.has_saved_state = self.partition_id in trained_before  # the server's word: it trained in this run
+
+    @classmethod
+    def training(cls, context: Context, bound: RunConfig | None, instruction: TrainInstruction) -> ClientNode:
+        """For a round's training: it reads what the rounds before it left."""
+        round_, key, trained = instruction.server_round, instruction.run_key, instruction.trained_before
+        return cls(context, bound, round_, round_ - 1, run_key=key, trained_before=trained)
+
+    @classmethod
+    def evaluating(cls, context: Context, bound: RunConfig | None, instruction: EvaluateInstruction) -> ClientNode:
+        """For a round's evaluation: it reads what that round left too."""
+        round_ = instruction.server_round
+        return cls(context, bound, round_, round_, run_key=instruction.run_key)
 
     def load_state(self, name: str) -> dict[str, torch.Tensor] | None:
-        return self.store.load(self.key, name, self.reading_upto)
+        """The newest saved ``name``; None if this client has none yet (``ClientStateLost`` if it should)."""
+        saved = self.store.load(self.key, name, self.reading_upto)
+        if saved is None and self.has_saved_state:
+            raise ClientStateLost(
+                f"client {self.partition_id} trained earlier in this run, but its {name!r} is not in its state: "
+                "its node lost its client state (restarted or resumed without a state-dir, or with another "
+                "one). It does not train, since it would start its DP accountant "
+                "or its own B over. Keep client state on disk: start each SuperNode with --node-config "
+                '"state-dir=\'/path\'" (in-process: client-state = "disk"), then resume the run.'
+            )
+        return saved
 
     def save_state(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         self.store.save(self.key, name, tensors, self.server_round)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from clients.node import ClientNode
+from clients.node import ClientFailure, ClientNode
 from fedlowrank.adapters import adapter_state, lora_targets, restrict_rank, set_trainable
 from fedlowrank.config import RunConfig
 from fedlowrank.engine import PlainData, PrivateData
@@ -71,7 +71,7 @@ class LocalResult:
     state_finite: bool = False  # ``state`` is known finite: a batched wave checks all its clients at once
 
 
-class ClientDivergedError(RuntimeError):
+class ClientDivergedError(ClientFailure):
     """Local training produced a non-finite loss or weights: the client reports a failure, not an update."""
 
 

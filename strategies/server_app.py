@@ -142,6 +142,10 @@ class FederatedRun:
         self.strategy = build_strategy(config, self.workspace.initial_state, method, max_examples=training_set)
         self.traffic = Traffic()
         self.ledger = EpsilonLedger() if config.dp.sample_level else None
+        # Who has trained in this run, told to clients of runs that keep client state (a DP accountant, an own
+        # B): one of them that finds none has lost it, and fails rather than start it over
+        self.trained: set[int] = set()
+        self.keeps_client_state = config.dp.sample_level or bool(self.strategy.spec.kept_roles())
         personalized = self.strategy.spec.personalized
         self.evaluation = (
             PersonalizedEvaluation() if personalized else GlobalEvaluation(self.workspace, config.server_eval_every)
@@ -159,6 +163,7 @@ class FederatedRun:
             return 1, ""
         tensors, meta = saved
         self.strategy.load_state_dict(tensors)
+        self.trained = set(meta.get("trained", []))
         self.traffic.down_total, self.traffic.up_total = meta["traffic"]
         if self.ledger is not None:
             self.ledger.epsilon, self.ledger.noise = meta["ledger"]["epsilon"], meta["ledger"]["noise"]
@@ -170,6 +175,7 @@ class FederatedRun:
         meta = {
             "round": server_round,
             "stopped": stopped,
+            "trained": sorted(self.trained),
             "traffic": [self.traffic.down_total, self.traffic.up_total],
             "ledger": {"epsilon": self.ledger.epsilon, "noise": self.ledger.noise} if self.ledger else None,
         }
@@ -204,6 +210,7 @@ class FederatedRun:
             if result.replies or attempt == 2:
                 break
             self.reporter.note(f"round {server_round}: no client replied ({result.failed}); retrying the round once")
+        self.trained.update(reply.partition_id for reply in result.replies if isinstance(reply, TrainReply))
         privacy = self.ledger.update(result.replies) if self.ledger is not None else {}
         if result.arrays is None:
             return self._no_update(server_round, result, privacy)
@@ -220,6 +227,8 @@ class FederatedRun:
 
     def _train(self, server_round: int) -> tuple[list[Message], list[Message], TrainRoundResult]:
         config = ConfigRecord({wire.RUN_KEY: self.recorder.run_key})
+        if self.keeps_client_state and self.trained:
+            config[wire.TRAINED_BEFORE] = wire.encode_client_set(self.trained)
         messages = list(self.strategy.configure_train(server_round, self.arrays, config, self.grid))
         self.reporter.round_started(server_round, len(messages))
         replies = send_and_collect(self.grid, messages, self.timeout)

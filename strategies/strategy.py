@@ -288,7 +288,10 @@ class LoRAStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         run_key = str(config.get(wire.RUN_KEY, ""))  # the run's folder in its nodes' client state
-        instruction = TrainInstruction(server_round, self.spec, {}, seed=self.seed, run_key=run_key)
+        trained = wire.decode_client_set(config.get(wire.TRAINED_BEFORE, b""))  # who must find state of its own
+        instruction = TrainInstruction(
+            server_round, self.spec, {}, seed=self.seed, run_key=run_key, trained_before=trained
+        )
         content = wire.encode_instruction(instruction, arrays)
         nodes = self.sampling.sample(grid, server_round, "train")
         return [Message(content, dst_node_id=node, message_type="train") for node in nodes]

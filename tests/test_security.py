@@ -88,6 +88,21 @@ def test_a_run_key_that_is_not_one_plain_folder_name_is_refused(key):
         wire.decode_train_instruction(wire.encode_instruction(TrainInstruction(1, MethodSpec(), {}, run_key=key)))
 
 
+@pytest.mark.parametrize("clients", [set(), {0}, {7, 8}, {3, 9_999}, set(range(0, 10_000, 3))])
+def test_the_clients_that_trained_before_travel_as_a_bitmap(clients):
+    from flwr.app import ConfigRecord
+
+    from fedlowrank.protocol import MethodSpec, TrainInstruction
+    from fedlowrank.protocol import flower as wire
+
+    content = wire.encode_instruction(TrainInstruction(2, MethodSpec(), {}, trained_before=frozenset(clients)))
+    assert wire.decode_train_instruction(content).trained_before == clients
+    assert len(wire.encode_client_set(clients)) == (max(clients) // 8 + 1 if clients else 0)  # 10,000: 1,250 B
+    content["config"] = ConfigRecord({**content["config"], wire.TRAINED_BEFORE: "0,1,2"})
+    with pytest.raises(MalformedMessage, match="bitmap"):
+        wire.decode_train_instruction(content)
+
+
 def test_every_run_name_gives_a_run_key_a_node_accepts_and_no_two_runs_share_one():
     from fedlowrank.protocol import check_run_key
     from fedlowrank.report import new_run_key

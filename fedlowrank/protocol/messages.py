@@ -124,6 +124,9 @@ class TrainInstruction:
     # The run's own folder in a node's client state: a node's folder outlives runs, and only a resumed run may
     # read what an earlier process of the same run left ("": the folder itself, as runs made before keys did)
     run_key: str = ""
+    # Clients the server knows trained earlier in this run (runs whose clients keep state: a DP accountant, an
+    # own B). Such a client that finds no state of its own has lost it, and must not start it over.
+    trained_before: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
