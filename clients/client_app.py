@@ -134,10 +134,9 @@ def train_together(
     instructions: list[TrainInstruction], contexts: list[Context], bound: RunConfig | None
 ) -> list[TrainReply | Refusal | ClientFailure]:
     """Train several clients' instructions together on the shared base (``fedlowrank.engine``): the replies
-    are the ones ``train`` would give (refusals included), and a client that diverged fails alone, as it would
-    training alone (its ``ClientFailure`` in its place, e.g. it diverged or its state was lost; the others'
-    replies stand). Rounds whose trainer
-    the engine cannot batch (GaLore, federated GaLore) go one by one."""
+    are the ones ``train`` would give (refusals included), and a client that fails (it diverged, or its state
+    was lost) fails alone, as it would training alone: its ``ClientFailure`` in its place, the others' replies
+    stand. Rounds whose trainer the engine cannot batch (GaLore, federated GaLore) go one by one."""
     from fedlowrank.engine import ClientJob, train_batched
 
     replies: dict[int, TrainReply | Refusal | ClientFailure] = {}

@@ -100,8 +100,8 @@ class ClientNode:
     @classmethod
     def evaluating(cls, context: Context, bound: RunConfig | None, instruction: EvaluateInstruction) -> ClientNode:
         """For a round's evaluation: it reads what that round left too."""
-        round_ = instruction.server_round
-        return cls(context, bound, round_, round_, run_key=instruction.run_key)
+        round_, key, trained = instruction.server_round, instruction.run_key, instruction.trained_before
+        return cls(context, bound, round_, round_, run_key=key, trained_before=trained)
 
     def load_state(self, name: str) -> dict[str, torch.Tensor] | None:
         """The newest saved ``name``; None if this client has none yet (``ClientStateLost`` if it should)."""
@@ -110,9 +110,11 @@ class ClientNode:
             raise ClientStateLost(
                 f"client {self.partition_id} trained earlier in this run, but its {name!r} is not in its state: "
                 "its node lost its client state (restarted or resumed without a state-dir, or with another "
-                "one). It does not train, since it would start its DP accountant "
-                "or its own B over. Keep client state on disk: start each SuperNode with --node-config "
-                '"state-dir=\'/path\'" (in-process: client-state = "disk"), then resume the run.'
+                "one). It neither trains nor scores, since it would start its DP accountant or its own B over. "
+                "It can take part again only once its folder <state-dir>/<run-key>/<client> is back (the node "
+                "started with the state-dir it had); otherwise it is out of this run. Keep client state on "
+                "disk: start each SuperNode with --node-config \"state-dir='/path'\" (in-process: client-state "
+                '= "disk").'
             )
         return saved
 

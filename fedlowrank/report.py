@@ -16,6 +16,7 @@ from typing import Any
 from fedlowrank.checkpoint import write_atomic
 from fedlowrank.config import ConfigError, RunConfig
 from fedlowrank.factors import non_finite_keys
+from fedlowrank.protocol.messages import check_run_key
 
 
 class RunExistsError(ConfigError):
@@ -56,28 +57,25 @@ class RunRecorder:
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         self.started = time.perf_counter()
+        self.run_key = _read_run_key(run_dir)
 
     @classmethod
-    def create(cls, config: RunConfig) -> RunRecorder:
-        """A new run's folder (replacing an old run only with ``overwrite``), or, with ``resume``, the existing one."""
+    def create(cls, config: RunConfig, run_key: bool = False) -> RunRecorder:
+        """A new run's folder (replacing an old run only with ``overwrite``), or, with ``resume``, the existing one.
+
+        ``run_key`` (federated runs): a new run gets its run key, the folder of its clients' state on their nodes;
+        a resumed one keeps its own, so it finds that state again, and no other run ever reads it."""
         run_dir = check_run_dir(config)
         if config.overwrite and run_dir.is_dir():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if not config.resume:
+            if run_key:  # before config.toml: a folder that can be resumed always has its key
+                key = new_run_key(config.name)
+                write_atomic(run_dir / RUN_KEY_FILE, lambda target: target.write_text(key))
             written = replace(config, overwrite=False)
             write_atomic(run_dir / "config.toml", lambda target: target.write_text(written.to_toml()))
-            key = new_run_key(config.name)
-            write_atomic(run_dir / RUN_KEY_FILE, lambda target: target.write_text(key))
         return cls(run_dir)
-
-    @property
-    def run_key(self) -> str:
-        """This run's folder in its nodes' client state: made with the run, kept by ``resume`` (a new run or an
-        overwritten one gets another, so it never reads a finished run's client state). "" for a run made before
-        run keys, whose clients keep their state in the state folder itself."""
-        path = self.run_dir / RUN_KEY_FILE
-        return path.read_text().strip() if path.is_file() else ""
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -144,6 +142,17 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     return value
+
+
+def _read_run_key(run_dir: Path) -> str:
+    """The run's key; "" for a run made before run keys, whose clients keep their state in the folder itself."""
+    path = run_dir / RUN_KEY_FILE
+    if not path.is_file():
+        return ""
+    try:
+        return check_run_key(path.read_text().strip())
+    except ValueError as exc:
+        raise ConfigError(f"{path} is damaged ({exc}): restore it, or start the run again with --overwrite") from exc
 
 
 def new_run_key(name: str) -> str:

@@ -145,12 +145,13 @@ class FederatedRun:
         # Who has trained in this run, told to clients of runs that keep client state (a DP accountant, an own
         # B): one of them that finds none has lost it, and fails rather than start it over
         self.trained: set[int] = set()
+        self.clients = config.num_clients
         self.keeps_client_state = config.dp.sample_level or bool(self.strategy.spec.kept_roles())
         personalized = self.strategy.spec.personalized
         self.evaluation = (
             PersonalizedEvaluation() if personalized else GlobalEvaluation(self.workspace, config.server_eval_every)
         )
-        self.recorder = RunRecorder.create(config)
+        self.recorder = RunRecorder.create(config, run_key=True)
         self.start_round, self.stopped = self._restore() if config.resume else (1, "")
         self.arrays = self.strategy.broadcast_record()
         self.timeout = config.server.train_timeout or None
@@ -163,7 +164,9 @@ class FederatedRun:
             return 1, ""
         tensors, meta = saved
         self.strategy.load_state_dict(tensors)
-        self.trained = set(meta.get("trained", []))
+        # a checkpoint from before this record: under DP-SGD the ledger names the clients that spent budget
+        ledger = meta.get("ledger") or {"epsilon": {}}
+        self.trained = set(meta.get("trained", [int(c) for c, eps in ledger["epsilon"].items() if eps > 0]))
         self.traffic.down_total, self.traffic.up_total = meta["traffic"]
         if self.ledger is not None:
             self.ledger.epsilon, self.ledger.noise = meta["ledger"]["epsilon"], meta["ledger"]["noise"]
@@ -210,7 +213,9 @@ class FederatedRun:
             if result.replies or attempt == 2:
                 break
             self.reporter.note(f"round {server_round}: no client replied ({result.failed}); retrying the round once")
-        self.trained.update(reply.partition_id for reply in result.replies if isinstance(reply, TrainReply))
+        self.trained.update(  # what a client says: only ids of this run's clients (a reply's own claim)
+            r.partition_id for r in result.replies if isinstance(r, TrainReply) and 0 <= r.partition_id < self.clients
+        )
         privacy = self.ledger.update(result.replies) if self.ledger is not None else {}
         if result.arrays is None:
             return self._no_update(server_round, result, privacy)
@@ -226,13 +231,17 @@ class FederatedRun:
         return row
 
     def _train(self, server_round: int) -> tuple[list[Message], list[Message], TrainRoundResult]:
-        config = ConfigRecord({wire.RUN_KEY: self.recorder.run_key})
-        if self.keeps_client_state and self.trained:
-            config[wire.TRAINED_BEFORE] = wire.encode_client_set(self.trained)
-        messages = list(self.strategy.configure_train(server_round, self.arrays, config, self.grid))
+        messages = list(self.strategy.configure_train(server_round, self.arrays, self._run_fields(), self.grid))
         self.reporter.round_started(server_round, len(messages))
         replies = send_and_collect(self.grid, messages, self.timeout)
         return messages, replies, self.strategy.train_round(server_round, replies, sent=messages)
+
+    def _run_fields(self) -> ConfigRecord:
+        """What every instruction of this run carries: its run key and, if its clients keep state, who trained."""
+        config = ConfigRecord({wire.RUN_KEY: self.recorder.run_key})
+        if self.keeps_client_state and self.trained:
+            config[wire.TRAINED_BEFORE] = wire.encode_client_set(self.trained)
+        return config
 
     def _no_update(self, server_round: int, result: TrainRoundResult, privacy: dict[str, Any]) -> dict[str, Any]:
         if result.refused and len(result.refused) == len(result.replies) and not result.rejected:
@@ -247,8 +256,8 @@ class FederatedRun:
 
     def evaluate(self, server_round: int) -> dict[str, Any]:
         last_round = server_round == self.config.num_rounds
-        test_set = self.evaluation.clients_score_test_set(last_round)
-        config = ConfigRecord({wire.TEST_SET: test_set, wire.RUN_KEY: self.recorder.run_key})
+        config = self._run_fields()
+        config[wire.TEST_SET] = self.evaluation.clients_score_test_set(last_round)
         messages = list(self.strategy.configure_evaluate(server_round, self.arrays, config, self.grid))
         metrics = {}
         if messages:

@@ -287,11 +287,7 @@ class LoRAStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        run_key = str(config.get(wire.RUN_KEY, ""))  # the run's folder in its nodes' client state
-        trained = wire.decode_client_set(config.get(wire.TRAINED_BEFORE, b""))  # who must find state of its own
-        instruction = TrainInstruction(
-            server_round, self.spec, {}, seed=self.seed, run_key=run_key, trained_before=trained
-        )
+        instruction = TrainInstruction(server_round, self.spec, {}, seed=self.seed, **wire.run_fields(config))
         content = wire.encode_instruction(instruction, arrays)
         nodes = self.sampling.sample(grid, server_round, "train")
         return [Message(content, dst_node_id=node, message_type="train") for node in nodes]
@@ -300,8 +296,7 @@ class LoRAStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         test_set = bool(config.get(wire.TEST_SET, False))
-        run_key = str(config.get(wire.RUN_KEY, ""))
-        instruction = EvaluateInstruction(server_round, self.spec, {}, test_set=test_set, run_key=run_key)
+        instruction = EvaluateInstruction(server_round, self.spec, {}, test_set=test_set, **wire.run_fields(config))
         content = wire.encode_instruction(instruction, arrays)
         nodes = self.sampling.sample(grid, server_round, "evaluate")
         return [Message(content, dst_node_id=node, message_type="evaluate") for node in nodes]

@@ -388,35 +388,43 @@ def encode_instruction(
     config = {SERVER_ROUND: instruction.server_round, **_spec_record(instruction.spec)}
     if isinstance(instruction, TrainInstruction):
         config[SEED] = instruction.seed
-        if instruction.trained_before:
-            config[TRAINED_BEFORE] = encode_client_set(instruction.trained_before)
     else:
         config[TEST_SET] = instruction.test_set
     if instruction.run_key:
         config[RUN_KEY] = instruction.run_key
+    if instruction.trained_before:
+        config[TRAINED_BEFORE] = encode_client_set(instruction.trained_before)
     arrays = arrays if arrays is not None else state_to_record(instruction.state)
     return RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(config)})
 
 
 def decode_train_instruction(content: RecordDict) -> TrainInstruction:
     config, spec, state = _instruction_parts(content)
-    seed, trained = int(config.get(SEED, 0)), decode_client_set(config.get(TRAINED_BEFORE, b""))
-    return TrainInstruction(
-        int(config[SERVER_ROUND]), spec, state, seed=seed, run_key=_run_key(config), trained_before=trained
-    )
+    seed = int(config.get(SEED, 0))
+    return TrainInstruction(int(config[SERVER_ROUND]), spec, state, seed=seed, **run_fields(config))
 
 
 def decode_evaluate_instruction(content: RecordDict) -> EvaluateInstruction:
     config, spec, state = _instruction_parts(content)
     test_set = bool(config.get(TEST_SET, False))
-    return EvaluateInstruction(int(config[SERVER_ROUND]), spec, state, test_set=test_set, run_key=_run_key(config))
+    return EvaluateInstruction(int(config[SERVER_ROUND]), spec, state, test_set=test_set, **run_fields(config))
+
+
+def run_fields(config: ConfigRecord) -> dict[str, Any]:
+    """An instruction's run-wide fields from its config record: the run key (one plain folder name) and the
+    clients that trained before; ``MalformedMessage`` for either in another form."""
+    try:
+        run_key = check_run_key(str(config.get(RUN_KEY, "")))
+    except ValueError as exc:
+        raise MalformedMessage(str(exc)) from exc
+    return {"run_key": run_key, "trained_before": decode_client_set(config.get(TRAINED_BEFORE, b""))}
 
 
 def encode_client_set(clients: Iterable[int]) -> bytes:
     """Client ids as a bitmap: 10,000 clients in 1,250 bytes."""
     ids = np.fromiter(clients, dtype=np.int64)
     if ids.size and ids.min() < 0:
-        raise ValueError("client ids are not negative")
+        raise ValueError("client ids must not be negative")
     bits = np.zeros(int(ids.max()) + 1 if ids.size else 0, dtype=bool)
     bits[ids] = True
     return np.packbits(bits, bitorder="little").tobytes()
@@ -427,14 +435,6 @@ def decode_client_set(data: Any) -> frozenset[int]:
         raise MalformedMessage(f"{TRAINED_BEFORE!r} must be bytes (a bitmap of client ids), not {type(data).__name__}")
     bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
     return frozenset(np.flatnonzero(bits).tolist())
-
-
-def _run_key(config: ConfigRecord) -> str:
-    """The run key, refused unless it is one plain path component (it names a folder on the client's disk)."""
-    try:
-        return check_run_key(str(config.get(RUN_KEY, "")))
-    except ValueError as exc:
-        raise MalformedMessage(str(exc)) from exc
 
 
 def _instruction_parts(content: RecordDict) -> tuple[ConfigRecord, MethodSpec, dict[str, torch.Tensor]]:

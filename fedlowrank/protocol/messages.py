@@ -136,6 +136,7 @@ class EvaluateInstruction:
     state: dict[str, torch.Tensor]
     test_set: bool = False  # also score the global test set (personalised methods, last round)
     run_key: str = ""  # as in TrainInstruction (a personalised client evaluates with its own state)
+    trained_before: frozenset[int] = frozenset()  # as in TrainInstruction
 
 
 @dataclass(frozen=True)
