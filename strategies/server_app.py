@@ -166,7 +166,7 @@ class FederatedRun:
         self.strategy.load_state_dict(tensors)
         # a checkpoint from before this record: under DP-SGD the ledger names the clients that spent budget
         ledger = meta.get("ledger") or {"epsilon": {}}
-        self.trained = set(meta.get("trained", [int(c) for c, eps in ledger["epsilon"].items() if eps > 0]))
+        self.trained = set(meta.get("trained", [int(c) for c, eps in ledger["epsilon"].items() if (eps or 0) > 0]))
         self.traffic.down_total, self.traffic.up_total = meta["traffic"]
         if self.ledger is not None:
             self.ledger.epsilon, self.ledger.noise = meta["ledger"]["epsilon"], meta["ledger"]["noise"]
