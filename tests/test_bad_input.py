@@ -125,6 +125,9 @@ def test_runs_are_not_overwritten_unless_asked(tmp_path, data_dir):
     assert adapter.read_bytes() != before
     assert (tmp_path / "runs" / "run" / "run-key").read_text() not in ("", key)  # a new run: no client state yet
     assert len((tmp_path / "runs" / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+    (tmp_path / "runs" / "run" / "run-key").write_text("../another-run")  # damaged: never used as a path
+    damaged = runner.invoke(app, ["simulate", "--resume", str(tmp_path / "runs" / "run")])
+    assert damaged.exit_code == 2 and "is damaged" in " ".join(damaged.output.split()), damaged.output
 
 
 def test_validation_fraction_zero_works(tmp_path, data_dir):

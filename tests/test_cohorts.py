@@ -95,7 +95,8 @@ def test_two_cohort_nodes_run_the_federation_of_one_node_per_client(llama, addit
 def test_runs_sharing_a_nodes_state_folder_never_read_each_others_client_state(llama, addition, tmp_path):
     """A node's state folder outlives runs: run B on the folder run A used must end where B ends on a folder of
     its own (FedSA under DP-SGD, half the clients a round, other seeds: some of B's round-2 clients trained in
-    A's round 1 and not in B's), and a resumed B finds its own state again (the run key, kept in its folder)."""
+    A's round 1 and not in B's). Each run's clients keep their files under its run key (a resumed run keeps
+    its key: ``test_bad_input.py``; and finds its clients' state: ``test_resume.py``)."""
     from simulations.run import run_inprocess
 
     shared = {"client-state": "disk", "client-state-dir": str(tmp_path / "node-state")}
