@@ -89,7 +89,7 @@ class ClientNode:
         self.workspace: Workspace = get_workspace(self.config)
         self.key = str(self.partition_id)
         self.server_round, self.reading_upto = server_round, reading_upto
-        self.has_saved_state = self.partition_id in trained_before  # the server's word: it trained in this run
+        self.trained_before = self.partition_id in trained_before  # the server's word: its state must exist
 
     @classmethod
     def training(cls, context: Context, bound: RunConfig | None, instruction: TrainInstruction) -> ClientNode:
@@ -106,7 +106,7 @@ class ClientNode:
     def load_state(self, name: str) -> dict[str, torch.Tensor] | None:
         """The newest saved ``name``; None if this client has none yet (``ClientStateLost`` if it should)."""
         saved = self.store.load(self.key, name, self.reading_upto)
-        if saved is None and self.has_saved_state:
+        if saved is None and self.trained_before:
             raise ClientStateLost(
                 f"client {self.partition_id} trained earlier in this run, but its {name!r} is not in its state: "
                 "its node lost its client state (restarted or resumed without a state-dir, or with another "

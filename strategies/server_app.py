@@ -145,7 +145,6 @@ class FederatedRun:
         # Who has trained in this run, told to clients of runs that keep client state (a DP accountant, an own
         # B): one of them that finds none has lost it, and fails rather than start it over
         self.trained: set[int] = set()
-        self.clients = config.num_clients
         self.keeps_client_state = config.dp.sample_level or bool(self.strategy.spec.kept_roles())
         personalized = self.strategy.spec.personalized
         self.evaluation = (
@@ -213,9 +212,9 @@ class FederatedRun:
             if result.replies or attempt == 2:
                 break
             self.reporter.note(f"round {server_round}: no client replied ({result.failed}); retrying the round once")
-        self.trained.update(  # what a client says: only ids of this run's clients (a reply's own claim)
-            r.partition_id for r in result.replies if isinstance(r, TrainReply) and 0 <= r.partition_id < self.clients
-        )
+        clients = range(self.config.num_clients)  # a reply's id is its own claim: only this run's ids count
+        trained = [r.partition_id for r in result.replies if isinstance(r, TrainReply)]
+        self.trained.update(client for client in trained if client in clients)
         privacy = self.ledger.update(result.replies) if self.ledger is not None else {}
         if result.arrays is None:
             return self._no_update(server_round, result, privacy)
