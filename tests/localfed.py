@@ -138,9 +138,10 @@ class LocalFederation:
         assert done.returncode == 0, done.stdout + done.stderr
         return done
 
-    def submit(self, run_config: str) -> subprocess.Popen:
-        """``flwr run`` of this app, following its logs (its exit code says nothing: see ``statuses``)."""
-        return self.start("flwr-run", "flwr", "run", str(REPO), "local", "--stream", "--run-config", run_config)
+    def submit(self, run_config: str, name: str = "flwr-run") -> subprocess.Popen:
+        """``flwr run`` of this app, following its logs under ``name`` (its exit code says nothing: see
+        ``statuses``)."""
+        return self.start(name, "flwr", "run", str(REPO), "local", "--stream", "--run-config", run_config)
 
     def statuses(self) -> list[str]:
         listing = json.loads(self.flwr("list", "local", "--format", "json").stdout)

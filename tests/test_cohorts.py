@@ -268,3 +268,46 @@ def test_cohort_supernodes_match_the_in_process_run_and_keep_state_across_a_rest
         assert [p.name for p in (tmp_path / "federation" / f"state-{cohort}").iterdir()] == [key]
         clients = {int(p.name) for p in (tmp_path / "federation" / f"state-{cohort}" / key).iterdir()}
         assert clients and all(client % 2 == cohort for client in clients), clients
+
+
+@pytest.mark.slow
+def test_cohort_supernodes_run_fedit_and_ffa_under_dp_as_one_node_per_client(llama, addition, tmp_path):
+    """FedIT and FFA under DP-SGD on a real SuperLink with two cohort SuperNodes (FedSA under DP-SGD: the
+    restart test above), as two runs at once on the same nodes (each node takes one message at a time, from
+    either run): FedIT (no client state; its clients also scored on the nodes) and FFA (each client's
+    accountant on its node, in its run's folder, across rounds) each end where their in-process run with one
+    node per client ends, with the same ε ledger."""
+    from localfed import LocalFederation
+
+    from simulations.run import run_inprocess
+
+    runs = tmp_path / "runs"
+    # a ClientApp process per message, ~15 s each here: FedIT one round (train, then evaluate), FFA two rounds
+    cases = {"fedit": {**CASES["fedit"], "num-rounds": 1}, "ffa-dp": {**CASES["ffa-dp"], "fraction-evaluate": 0.0}}
+    federation = LocalFederation(tmp_path / "federation", addition, secure=False)
+    try:
+        federation.start_superlink()
+        for cohort in (0, 1):
+            federation.start_supernode(cohort, 2)
+        _wait(lambda: federation.online_nodes() == 2, 60, "two nodes online")
+        for case, overrides in cases.items():
+            deployed = {"cohort-nodes": 2, "node-wait-seconds": 300}  # a node may be busy with the other run
+            settings = cohort_settings(llama, addition, runs, f"deployed-{case}", **overrides, **deployed)
+            federation.submit(_run_config(settings), name=f"flwr-run-{case}")
+        _wait(lambda: len(federation.statuses()) == 2, 60, "both runs submitted")
+        _wait(lambda: all(s.startswith("finished") for s in federation.statuses()), 600, "both runs finishing")
+        assert federation.statuses() == ["finished:completed"] * 2
+        for case in cases:
+            assert "going on with them" not in federation.log(f"flwr-run-{case}")  # both cohorts every round
+    except BaseException:
+        federation.dump_logs()
+        raise
+    finally:
+        federation.stop()
+    for case, overrides in cases.items():
+        run_inprocess(RunConfig.from_flat(cohort_settings(llama, addition, runs, f"per-client-{case}", **overrides)))
+        private = "dp.epsilon" in overrides
+        assert_same_federation(runs / f"deployed-{case}", runs / f"per-client-{case}", private=private)
+    evaluated, reference = read_metrics(runs / "deployed-fedit"), read_metrics(runs / "per-client-fedit")
+    for score in ("client_eval_loss", "client_eval_accuracy"):  # the nodes' clients scored as one node per client
+        assert [row[score] for row in evaluated] == pytest.approx([row[score] for row in reference], rel=1e-4)
