@@ -311,3 +311,7 @@ def test_cohort_supernodes_run_fedit_and_ffa_under_dp_as_one_node_per_client(lla
     evaluated, reference = read_metrics(runs / "deployed-fedit"), read_metrics(runs / "per-client-fedit")
     for score in ("client_eval_loss", "client_eval_accuracy"):  # the nodes' clients scored as one node per client
         assert [row[score] for row in evaluated] == pytest.approx([row[score] for row in reference], rel=1e-4)
+    key = (runs / "deployed-ffa-dp" / "run-key").read_text()
+    for cohort in (0, 1):  # FFA's accountants on their clients' node (client k on node k mod 2), in its run's folder
+        clients = {int(p.name) for p in (tmp_path / "federation" / f"state-{cohort}" / key).iterdir()}
+        assert clients and all(client % 2 == cohort for client in clients), clients
