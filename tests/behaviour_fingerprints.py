@@ -11,7 +11,7 @@ Re-recorded since, deliberately: FedSA's last-round test metrics (now the plain 
 their own model, no longer weighted by validation-split sizes).
 
 Another CPU's float kernels move a fingerprint by more than 1e-6 (seen: 1.7e-6 to 3.1e-4 relative on a 2-core
-AVX-512 Xeon, whose drift also changed with ``MKL_ENABLE_INSTRUCTIONS``; 8e-6 on a 2-core AMD EPYC), so
+AVX-512 Xeon, whose drift also changed with ``MKL_ENABLE_INSTRUCTIONS``; 4e-6 to 2.9e-4 on a 2-core AMD EPYC), so
 ``behaviour_fingerprints_other_cpus.json`` holds the same cases recorded on other machines from a commit whose run
 matched the primary recording on its own machine. A run passes if it matches one recording at the same
 tolerances; nothing is loosened. ``python tests/behaviour_fingerprints.py record-cpu LABEL "machine words" COMMIT``

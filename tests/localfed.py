@@ -143,14 +143,16 @@ class LocalFederation:
         ``statuses``)."""
         return self.start(name, "flwr", "run", str(REPO), "local", "--stream", "--run-config", run_config)
 
+    def runs(self) -> list[dict]:
+        """``flwr list``: each run's id, status and times (ISO strings in UTC, "N/A" until reached)."""
+        return json.loads(self.flwr("list", "local", "--format", "json").stdout)["runs"]
+
     def statuses(self) -> list[str]:
-        listing = json.loads(self.flwr("list", "local", "--format", "json").stdout)
-        return [run["status"] for run in listing["runs"]]
+        return [run["status"] for run in self.runs()]
 
     def stop_runs(self) -> None:
         """``flwr stop`` every run that has not finished."""
-        listing = json.loads(self.flwr("list", "local", "--format", "json").stdout)
-        for run in listing["runs"]:
+        for run in self.runs():
             if not run["status"].startswith("finished"):
                 self.flwr("stop", run["run-id"], "local")
 

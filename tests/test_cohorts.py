@@ -249,11 +249,12 @@ def test_cohort_supernodes_match_the_in_process_run_and_keep_state_across_a_rest
         _wait(lambda: all(s.startswith("finished") for s in federation.statuses()), 60, "the run stopping")
         federation.kill("supernode-1")
         federation.start_supernode(1, 2)  # the same cohort, on the same state folder
-        federation.submit(_run_config({**settings, "resume": True}))
+        federation.submit(_run_config({**settings, "resume": True}), name="flwr-run-resumed")  # both logs kept
         _wait(lambda: "finished:completed" in federation.statuses(), 420, "the resumed run finishing")
-        server_log = federation.log("flwr-run")
+        server_log = federation.log("flwr-run-resumed")
         assert "after round 1" in server_log  # round 2 ran after the restart
-        assert "going on with them" not in server_log  # every round had both cohorts
+        for log in ("flwr-run", "flwr-run-resumed"):  # every round had both cohorts
+            assert "going on with them" not in federation.log(log)
     except BaseException:
         federation.dump_logs()
         raise
@@ -296,9 +297,13 @@ def test_cohort_supernodes_run_fedit_and_ffa_under_dp_as_one_node_per_client(lla
             federation.submit(_run_config(settings), name=f"flwr-run-{case}")
         _wait(lambda: len(federation.statuses()) == 2, 60, "both runs submitted")
         _wait(lambda: all(s.startswith("finished") for s in federation.statuses()), 600, "both runs finishing")
-        assert federation.statuses() == ["finished:completed"] * 2
+        listed = federation.runs()
+        assert [run["status"] for run in listed] == ["finished:completed"] * 2, listed
+        assert max(run["running-at"] for run in listed) < min(run["finished-at"] for run in listed)  # at once
         for case in cases:
-            assert "going on with them" not in federation.log(f"flwr-run-{case}")  # both cohorts every round
+            server_log = federation.log(f"flwr-run-{case}")
+            assert "ServerApp finished running" in server_log  # the log followed the run to its end
+            assert "going on with them" not in server_log  # and every round had both cohorts
     except BaseException:
         federation.dump_logs()
         raise
@@ -313,5 +318,7 @@ def test_cohort_supernodes_run_fedit_and_ffa_under_dp_as_one_node_per_client(lla
         assert [row[score] for row in evaluated] == pytest.approx([row[score] for row in reference], rel=1e-4)
     key = (runs / "deployed-ffa-dp" / "run-key").read_text()
     for cohort in (0, 1):  # FFA's accountants on their clients' node (client k on node k mod 2), in its run's folder
-        clients = {int(p.name) for p in (tmp_path / "federation" / f"state-{cohort}" / key).iterdir()}
+        node_state = tmp_path / "federation" / f"state-{cohort}"
+        assert [p.name for p in node_state.iterdir()] == [key]  # FedIT keeps nothing on the nodes
+        clients = {int(p.name) for p in (node_state / key).iterdir()}
         assert clients and all(client % 2 == cohort for client in clients), clients
