@@ -218,6 +218,17 @@ def _run_config(settings: dict) -> str:
     return " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
 
 
+def assert_state_on_its_nodes(federation: Path, run_dir: Path) -> None:
+    """Each of the two nodes' state folders holds only the run's folder (named by its run key), with the
+    clients that node hosts: client k on node k mod 2."""
+    key = (run_dir / "run-key").read_text()
+    for cohort in (0, 1):
+        node_state = federation / f"state-{cohort}"
+        assert [p.name for p in node_state.iterdir()] == [key]
+        clients = {int(p.name) for p in (node_state / key).iterdir()}
+        assert clients and all(client % 2 == cohort for client in clients), clients
+
+
 @pytest.mark.slow
 def test_cohort_supernodes_match_the_in_process_run_and_keep_state_across_a_restart(llama, addition, tmp_path):
     """A real SuperLink and two cohort SuperNodes host 16 virtual clients (FedSA, each client's own B, under
@@ -264,11 +275,8 @@ def test_cohort_supernodes_match_the_in_process_run_and_keep_state_across_a_rest
     run_inprocess(RunConfig.from_flat(reference))
     assert_same_federation(runs / "deployed", runs / "per-client", private=True)
     assert len(read_metrics(runs / "deployed")) == 2
-    key = (runs / "deployed" / "run-key").read_text()  # the run's folder on its nodes, kept by the resumed run
-    for cohort in (0, 1):  # each client's accountant and own B on its node's disk: client k on node k mod 2
-        assert [p.name for p in (tmp_path / "federation" / f"state-{cohort}").iterdir()] == [key]
-        clients = {int(p.name) for p in (tmp_path / "federation" / f"state-{cohort}" / key).iterdir()}
-        assert clients and all(client % 2 == cohort for client in clients), clients
+    # each client's accountant and own B on its node's disk, in the folder the resumed run kept
+    assert_state_on_its_nodes(tmp_path / "federation", runs / "deployed")
 
 
 @pytest.mark.slow
@@ -316,9 +324,5 @@ def test_cohort_supernodes_run_fedit_and_ffa_under_dp_as_one_node_per_client(lla
     evaluated, reference = read_metrics(runs / "deployed-fedit"), read_metrics(runs / "per-client-fedit")
     for score in ("client_eval_loss", "client_eval_accuracy"):  # the nodes' clients scored as one node per client
         assert [row[score] for row in evaluated] == pytest.approx([row[score] for row in reference], rel=1e-4)
-    key = (runs / "deployed-ffa-dp" / "run-key").read_text()
-    for cohort in (0, 1):  # FFA's accountants on their clients' node (client k on node k mod 2), in its run's folder
-        node_state = tmp_path / "federation" / f"state-{cohort}"
-        assert [p.name for p in node_state.iterdir()] == [key]  # FedIT keeps nothing on the nodes
-        clients = {int(p.name) for p in (node_state / key).iterdir()}
-        assert clients and all(client % 2 == cohort for client in clients), clients
+    # FFA's accountants on their clients' nodes; FedIT keeps nothing there
+    assert_state_on_its_nodes(tmp_path / "federation", runs / "deployed-ffa-dp")
